@@ -1,0 +1,270 @@
+"""Run configuration: a typed schema, YAML presets and ``key=value`` overrides.
+
+The schema is a tree of dataclasses validated by OmegaConf: an unknown key, a value of the wrong type
+or a value outside its allowed set is a :class:`~duallora.errors.ConfigError`, never silently dropped
+(field-lessons.md, lesson 7). Keys that the chosen method does not use must keep their defaults;
+setting one is an error too (see :func:`check_method_keys`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf  # noqa: F401
+from omegaconf.errors import OmegaConfBaseException
+
+from duallora.errors import ConfigError
+
+DEFAULT_BACKBONE = "vit_tiny_patch7_28.duallora_mnist"
+
+
+@dataclass
+class DataConfig:
+    """Which data and how it is cut into tasks (class-incremental)."""
+
+    dataset: str = "fashion-mnist"  #: mnist | fashion-mnist | imagefolder
+    root: Optional[str] = None  #: local data folder; None = the dataset's default local files
+    num_tasks: Optional[int] = 5  #: number of tasks (classes split evenly)
+    classes_per_task: Optional[int] = None  #: alternative to num_tasks
+    class_order: Optional[list[int]] = None  #: explicit class order (dataset label ids); else seeded shuffle
+    shuffle_classes: bool = True  #: shuffle the class order with the run seed (False = natural order)
+    train_per_class: Optional[int] = None  #: cap on training images per class (seeded), for quick runs
+    test_per_class: Optional[int] = None  #: cap on test images per class (seeded)
+    test_fraction: float = 0.2  #: imagefolder without train/test folders: held-out share per class
+    num_workers: int = 0  #: DataLoader worker processes
+
+
+@dataclass
+class BackboneConfig:
+    """The frozen pre-trained ViT."""
+
+    name: str = DEFAULT_BACKBONE  #: full timm name with pretrained tag, or the shipped default
+    weights: Optional[str] = None  #: local .safetensors/.pth file with the weights (no download then)
+
+
+@dataclass
+class MethodConfig:
+    """The continual-learning method and its options (method.md)."""
+
+    name: str = "duallora"  #: duallora | frozen | seq-lora
+    adapted_modules: list[str] = field(default_factory=lambda: ["qkv"])  #: qkv | proj | fc1 | fc2
+    rank_orthogonal: int = 10  #: r_o, rank of the orthogonal adapter (also seq-lora's LoRA rank)
+    rank_residual: int = 10  #: r_r, rank of each task's residual adapter (capped by memory dim)
+    use_orthogonal: bool = True  #: ablation switch: train the orthogonal adapter
+    use_residual: bool = True  #: ablation switch: train residual adapters (t >= 2)
+    energy_threshold_start: float = 0.95  #: eps_1 of the GPM energy criterion
+    energy_threshold_end: float = 0.99  #: eps_T; eps_t rises linearly in between
+    stat_tokens: str = "all"  #: all | cls: tokens that feed the memory's Gram matrices
+    gate: str = "soft"  #: soft | hard | shared: dynamic-memory gate type
+    gate_layer: int = -1  #: for gate=shared: index of the adapted layer whose gate is shared
+    task_id_score: str = "mahalanobis"  #: mahalanobis | cosine | subspace
+    subspace_dims: int = 32  #: q, directions per task for task_id_score=subspace
+    tau_id: float = 1.0  #: temperature of the task posterior (on distances per dimension)
+    ridge: float = 1e-4  #: ridge added to the pooled covariance, relative to its mean eigenvalue
+    calibration: str = "product"  #: none | product | hard
+    confidence_threshold: float = 0.9  #: gamma for calibration=hard
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation per task; every key is honoured exactly."""
+
+    epochs: int = 2
+    batch_size: int = 128
+    optimizer: str = "adam"  #: adam | adamw | sgd
+    lr: float = 5e-4
+    head_lr: Optional[float] = None  #: learning rate of the task heads; None = lr
+    weight_decay: float = 0.0
+    momentum: float = 0.9  #: sgd only
+    scheduler: str = "cosine"  #: cosine | constant (per step, over all epochs of a task)
+    eval_batch_size: int = 256
+    device: str = "auto"  #: auto | cpu | cuda | cuda:N | mps
+    threads: Optional[int] = None  #: torch CPU threads; None = torch default
+    progress: bool = True  #: show progress bars
+
+
+@dataclass
+class RunConfig:
+    """The whole run: seed, data, backbone, method, training."""
+
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "method.name": ("duallora", "frozen", "seq-lora"),
+    "method.stat_tokens": ("all", "cls"),
+    "method.gate": ("soft", "hard", "shared"),
+    "method.task_id_score": ("mahalanobis", "cosine", "subspace"),
+    "method.calibration": ("none", "product", "hard"),
+    "train.optimizer": ("adam", "adamw", "sgd"),
+    "train.scheduler": ("cosine", "constant"),
+}
+ADAPTABLE_MODULES = ("qkv", "proj", "fc1", "fc2")
+
+#: Method keys each method reads; a non-default value of any other method key is an error.
+METHOD_KEYS: dict[str, set[str]] = {
+    "duallora": {f.name for f in dataclasses.fields(MethodConfig)} - {"name"},
+    "frozen": set(),
+    "seq-lora": {"adapted_modules", "rank_orthogonal"},
+}
+
+
+def _get(cfg: RunConfig, dotted: str) -> Any:
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Check value ranges and combinations of a resolved config.
+
+    Raises:
+        ConfigError: naming the key, the bad value and what is allowed.
+    """
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not supported; choose one of {', '.join(allowed)}")
+    for mod in cfg.method.adapted_modules:
+        if mod not in ADAPTABLE_MODULES:
+            raise ConfigError(
+                f"method.adapted_modules contains {mod!r}; allowed: {', '.join(ADAPTABLE_MODULES)}"
+            )
+    if not cfg.method.adapted_modules and cfg.method.name != "frozen":
+        raise ConfigError("method.adapted_modules is empty; name at least one of qkv, proj, fc1, fc2")
+    positive = {
+        "train.epochs": cfg.train.epochs,
+        "train.batch_size": cfg.train.batch_size,
+        "train.eval_batch_size": cfg.train.eval_batch_size,
+        "method.rank_orthogonal": cfg.method.rank_orthogonal,
+        "method.rank_residual": cfg.method.rank_residual,
+        "method.subspace_dims": cfg.method.subspace_dims,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}={value} must be a positive integer")
+    if cfg.train.lr <= 0 or (cfg.train.head_lr is not None and cfg.train.head_lr <= 0):
+        raise ConfigError("train.lr and train.head_lr must be > 0")
+    if cfg.method.tau_id <= 0:
+        raise ConfigError(f"method.tau_id={cfg.method.tau_id} must be > 0")
+    for key in ("energy_threshold_start", "energy_threshold_end"):
+        value = getattr(cfg.method, key)
+        if not 0.0 < value <= 1.0:
+            raise ConfigError(f"method.{key}={value} must lie in (0, 1]")
+    if not 0.0 <= cfg.method.confidence_threshold <= 1.0:
+        raise ConfigError("method.confidence_threshold must lie in [0, 1]")
+    if cfg.data.num_tasks is None and cfg.data.classes_per_task is None:
+        raise ConfigError("set data.num_tasks or data.classes_per_task")
+    if cfg.data.num_tasks is not None and cfg.data.num_tasks < 1:
+        raise ConfigError(f"data.num_tasks={cfg.data.num_tasks} must be >= 1")
+    if cfg.data.classes_per_task is not None and cfg.data.classes_per_task < 1:
+        raise ConfigError(f"data.classes_per_task={cfg.data.classes_per_task} must be >= 1")
+    for key in ("train_per_class", "test_per_class"):
+        value = getattr(cfg.data, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"data.{key}={value} must be >= 1 (or null for all images)")
+    if not 0.0 < cfg.data.test_fraction < 1.0:
+        raise ConfigError(f"data.test_fraction={cfg.data.test_fraction} must lie in (0, 1)")
+    check_method_keys(cfg)
+    return cfg
+
+
+def check_method_keys(cfg: RunConfig) -> None:
+    """Reject method options that the chosen method would ignore.
+
+    Raises:
+        ConfigError: when a key outside ``METHOD_KEYS[cfg.method.name]`` differs from its default.
+    """
+    used = METHOD_KEYS.get(cfg.method.name, set())
+    default = MethodConfig()
+    for f in dataclasses.fields(MethodConfig):
+        if f.name == "name" or f.name in used:
+            continue
+        if getattr(cfg.method, f.name) != getattr(default, f.name):
+            raise ConfigError(
+                f"method.{f.name} is set but method {cfg.method.name!r} does not use it; "
+                f"remove it (keys used by {cfg.method.name}: {', '.join(sorted(used)) or 'none'})"
+            )
+
+
+def _friendly(exc: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(exc, "full_key", None) or ""
+    msg = str(exc).splitlines()[0]
+    if "Key" in type(exc).__name__ or "not in struct" in msg:
+        return ConfigError(
+            f"unknown config key {key!r} in {source}; see `duallora run --help` or configs/default.yaml "
+            "for the valid keys"
+        )
+    return ConfigError(f"invalid value for {key!r} in {source}: {msg}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Build a validated :class:`RunConfig` from defaults, an optional YAML file and overrides.
+
+    Args:
+        path: YAML preset (same tree as :class:`RunConfig`); None = defaults only.
+        overrides: ``key=value`` strings with dotted keys, e.g. ``["train.epochs=1", "seed=3"]``.
+
+    Raises:
+        ConfigError: missing/unreadable file, unknown key, wrong type or out-of-range value.
+    """
+    schema = OmegaConf.structured(RunConfig)
+    merged = schema
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist; presets live in configs/")
+        try:
+            file_cfg = OmegaConf.load(p)
+        except Exception as exc:  # yaml errors come in many types
+            raise ConfigError(f"cannot parse config file {str(p)!r}: {exc}") from exc
+        try:
+            merged = OmegaConf.merge(merged, file_cfg)
+        except OmegaConfBaseException as exc:
+            raise _friendly(exc, str(p)) from exc
+    if overrides:
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(
+                    f"override {item!r} is not of the form key=value (e.g. train.epochs=1)"
+                )
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        except OmegaConfBaseException as exc:
+            raise _friendly(exc, "the command-line overrides") from exc
+    cfg = OmegaConf.to_object(merged)
+    assert isinstance(cfg, RunConfig)
+    return validate(cfg)
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """The config as plain nested dicts/lists (for YAML/JSON output and checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    """The resolved config as YAML text that :func:`load_config` reads back to an equal config."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def from_dict(data: dict[str, Any]) -> RunConfig:
+    """Inverse of :func:`to_dict`, validated.
+
+    Raises:
+        ConfigError: as :func:`load_config`.
+    """
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(data))
+    except OmegaConfBaseException as exc:
+        raise _friendly(exc, "the stored config") from exc
+    cfg = OmegaConf.to_object(merged)
+    assert isinstance(cfg, RunConfig)
+    return validate(cfg)
