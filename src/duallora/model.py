@@ -1,0 +1,109 @@
+"""A frozen timm ViT with adapted linear layers and one classification head per task.
+
+:class:`AdaptedViT` wraps the backbone in place (like PEFT, no forked model file): the chosen linear
+layers of every block (``qkv`` = ``blocks.i.attn.qkv``, ``proj`` = ``blocks.i.attn.proj``,
+``fc1``/``fc2`` = ``blocks.i.mlp.fc1``/``fc2``) are replaced by
+:class:`~duallora.adapters.AdaptedLinear`. Heads are ``nn.Linear(D, C_t)`` on the backbone's
+pre-logits feature (the class token after the final norm for timm's default ``global_pool="token"``);
+at inference they are concatenated in task order, so output index = position in the class order.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from duallora.adapters import AdaptedLinear
+
+MODULE_PATHS = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+
+
+class AdaptedViT(nn.Module):
+    """Frozen ViT + adapted layers + per-task heads.
+
+    Args:
+        backbone: a frozen timm ``VisionTransformer`` with ``num_classes=0``.
+        mean, std: per-channel input normalisation for images in [0, 1].
+        adapted_modules: subset of ``qkv``, ``proj``, ``fc1``, ``fc2``; empty = no adapted layer.
+
+    Inputs to :meth:`features` are uint8 images (B, C, H, W) in [0, 255] or floats in [0, 1].
+    """
+
+    def __init__(self, backbone: nn.Module, mean: Sequence[float], std: Sequence[float],
+                 adapted_modules: Sequence[str] = ("qkv",)) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.embed_dim = int(getattr(backbone, "embed_dim"))
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.adapted: dict[str, AdaptedLinear] = {}
+        blocks = getattr(backbone, "blocks")
+        for i, block in enumerate(blocks):
+            for key in [k for k in MODULE_PATHS if k in adapted_modules]:  # forward order
+                parent_path, attr = MODULE_PATHS[key].split(".")
+                parent = getattr(block, parent_path)
+                layer = getattr(parent, attr)
+                if isinstance(layer, AdaptedLinear):
+                    continue
+                if not isinstance(layer, nn.Linear):
+                    raise TypeError(f"blocks.{i}.{MODULE_PATHS[key]} is {type(layer).__name__}, not nn.Linear")
+                wrapped = AdaptedLinear(layer)
+                setattr(parent, attr, wrapped)
+                self.adapted[f"blocks.{i}.{MODULE_PATHS[key]}"] = wrapped
+        self.heads = nn.ModuleList()
+
+    # ------------------------------------------------------------------ layers
+    def adapted_layers(self) -> Iterator[tuple[str, AdaptedLinear]]:
+        """(name, layer) of every adapted layer, in forward order."""
+        return iter(self.adapted.items())
+
+    def add_head(self, num_classes: int, generator: torch.Generator | None = None) -> nn.Linear:
+        """Append a head ``nn.Linear(D, num_classes)`` for the next task and return it."""
+        head = nn.Linear(self.embed_dim, num_classes)
+        if generator is not None:
+            bound = 1.0 / self.embed_dim ** 0.5
+            with torch.no_grad():
+                head.weight.uniform_(-bound, bound, generator=generator)
+                head.bias.uniform_(-bound, bound, generator=generator)
+        p = next(self.backbone.parameters())
+        head = head.to(device=p.device, dtype=p.dtype)
+        self.heads.append(head)
+        return head
+
+    @property
+    def head_sizes(self) -> list[int]:
+        return [h.out_features for h in self.heads]
+
+    # ------------------------------------------------------------------ forward
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, C, H, W) or float in [0, 1] -> normalised float input."""
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255.0)
+        x = x.to(self.mean.dtype)
+        return (x - self.mean) / self.std
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-logits features (B, D) of images ``x`` (B, C, H, W)."""
+        tokens = self.backbone.forward_features(self.normalize(x))
+        return self.backbone.forward_head(tokens, pre_logits=True)
+
+    def head_logits(self, feats: torch.Tensor, task: int | None = None) -> torch.Tensor:
+        """Logits of one task's head (B, C_t), or of all heads concatenated (B, sum C_t)."""
+        if task is not None:
+            return self.heads[task](feats)
+        return torch.cat([h(feats) for h in self.heads], dim=1)
+
+    def set_fixed_gates(self, task: int | None) -> None:
+        """Gate the residual adapters for every image alike: task ``task`` on, others off.
+
+        ``None`` switches fixed gates off, so layers use their dynamic ``gate_fn``.
+        """
+        for _, layer in self.adapted_layers():
+            if task is None:
+                layer.fixed_gates = None
+            else:
+                g = torch.tensor([1.0 if t == task else 0.0 for t in layer.res_tasks],
+                                 device=layer.base.weight.device, dtype=layer.base.weight.dtype)
+                layer.fixed_gates = g

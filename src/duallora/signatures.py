@@ -1,0 +1,170 @@
+"""Task signatures: class statistics that predict an image's task with a confidence.
+
+method.md, "Inference: one forward pass" and "Learning task t", step 7. For one feature site (the
+mean token entering an adapted layer, or the backbone's final feature) we keep, per seen class, its
+mean, and a pooled within-class scatter over all classes so far; only statistics, never images.
+
+Task posterior (``score="mahalanobis"``, the default)::
+
+    d_c(x)   = (z - mu_c)^T (S + ridge I)^{-1} (z - mu_c) / D     squared Mahalanobis, per dimension
+    d_j(x)   = min over classes c of task j of d_c(x)
+    p(j | x) = softmax_j(-d_j(x) / tau)
+
+with S the pooled within-class covariance and ridge = ``ridge * tr(S) / D`` (numerical stability
+only). Options: ``cosine`` (d_c = 1 - cos(z, mu_c)) and ``subspace`` (d_j = 1 - ||Q_j^T z||^2/||z||^2
+with Q_j the top-q eigenvectors of task j's feature second moment).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.nn import functional as F
+
+SCORES = ("mahalanobis", "cosine", "subspace")
+
+
+class TaskSignatures:
+    """Class means, pooled within-class covariance and per-task subspaces for one feature site.
+
+    Args:
+        dim: D, the feature width.
+        score: ``mahalanobis`` | ``cosine`` | ``subspace``.
+        tau: temperature of the task posterior (> 0).
+        ridge: ridge relative to the mean eigenvalue of the pooled covariance.
+        subspace_dims: q, directions per task for ``score="subspace"``.
+
+    Raises:
+        ValueError: unknown score or non-positive tau.
+    """
+
+    def __init__(self, dim: int, score: str = "mahalanobis", tau: float = 1.0, ridge: float = 1e-4,
+                 subspace_dims: int = 32) -> None:
+        if score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+        if tau <= 0:
+            raise ValueError(f"tau must be > 0, got {tau}")
+        self.dim, self.score, self.tau, self.ridge, self.q = dim, score, tau, ridge, subspace_dims
+        self.means = torch.zeros(0, dim, dtype=torch.float64)  # (C, D) in class-position order
+        self.class_task = torch.zeros(0, dtype=torch.int64)  # (C,)
+        self.scatter = torch.zeros(dim, dim, dtype=torch.float64)  # pooled within-class scatter sum
+        self.count = 0  # images
+        self.task_bases: list[torch.Tensor] = []  # per task (D, q) for the subspace score
+        self._cache: Optional[dict[str, torch.Tensor]] = None
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.task_bases)
+
+    # ------------------------------------------------------------------ accumulation
+    @staticmethod
+    def new_accumulator(num_classes: int, dim: int) -> dict[str, torch.Tensor]:
+        """Zeroed per-task sums: ``sum`` (C_t, D), ``n`` (C_t,), ``second`` (D, D), all float64."""
+        return {
+            "sum": torch.zeros(num_classes, dim, dtype=torch.float64),
+            "n": torch.zeros(num_classes, dtype=torch.float64),
+            "second": torch.zeros(dim, dim, dtype=torch.float64),
+        }
+
+    @staticmethod
+    def accumulate(acc: dict[str, torch.Tensor], z: torch.Tensor, local_labels: torch.Tensor) -> None:
+        """Add features ``z`` (B, D) with task-local labels (B,) to an accumulator."""
+        z = z.detach().to(torch.float64).cpu()
+        y = local_labels.cpu()
+        acc["sum"].index_add_(0, y, z)
+        acc["n"].index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
+        acc["second"] += z.T @ z
+
+    def add_task(self, acc: dict[str, torch.Tensor]) -> None:
+        """Fold one finished task's accumulator in (its classes get the next positions).
+
+        Raises:
+            ValueError: if a class of the task has no image.
+        """
+        n = acc["n"]
+        if (n <= 0).any():
+            raise ValueError("every class of a task needs at least one image for its statistics")
+        means = acc["sum"] / n[:, None]
+        within = acc["second"] - (means * n[:, None]).T @ means
+        task = self.num_tasks
+        self.means = torch.cat([self.means, means])
+        self.class_task = torch.cat([self.class_task, torch.full((len(n),), task, dtype=torch.int64)])
+        self.scatter += within
+        self.count += int(n.sum())
+        second = acc["second"] / float(n.sum())
+        vals, vecs = torch.linalg.eigh(0.5 * (second + second.T))
+        self.task_bases.append(vecs.flip(1)[:, : self.q].contiguous())
+        self._cache = None
+
+    # ------------------------------------------------------------------ scoring
+    def _prepare(self, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        if self._cache is not None and self._cache["means"].device == device and self._cache["means"].dtype == dtype:
+            return self._cache
+        cache: dict[str, torch.Tensor] = {}
+        if self.score == "mahalanobis":
+            dof = max(self.count - self.means.shape[0], 1)
+            cov = self.scatter / dof
+            ridge = self.ridge * float(torch.trace(cov)) / self.dim + 1e-12
+            cov = cov + ridge * torch.eye(self.dim, dtype=torch.float64)
+            L = torch.linalg.cholesky(cov)
+            Linv = torch.linalg.solve_triangular(L, torch.eye(self.dim, dtype=torch.float64), upper=False)
+            cache["white"] = Linv.T.to(device=device, dtype=dtype).contiguous()  # z @ white = L^{-1} z
+            cache["means"] = (self.means @ Linv.T).to(device=device, dtype=dtype)
+        elif self.score == "cosine":
+            cache["means"] = F.normalize(self.means, dim=1).to(device=device, dtype=dtype)
+        else:
+            cache["means"] = self.means.to(device=device, dtype=dtype)
+            cache["bases"] = torch.stack(self.task_bases).to(device=device, dtype=dtype)  # (T, D, q)
+        cache["class_task"] = self.class_task.to(device)
+        self._cache = cache
+        return cache
+
+    def task_distances(self, z: torch.Tensor) -> torch.Tensor:
+        """Per-task distance ``d_j(x)`` for features ``z`` (B, D) -> (B, T); smaller = more likely."""
+        if self.num_tasks == 0:
+            raise RuntimeError("no task statistics yet: learn a task first")
+        c = self._prepare(z.device, z.dtype)
+        T = self.num_tasks
+        if self.score == "subspace":
+            zn = F.normalize(z, dim=1)
+            energy = torch.einsum("bd,tdq->btq", zn, c["bases"]).pow(2).sum(-1)  # (B, T)
+            return 1.0 - energy
+        if self.score == "mahalanobis":
+            w = z @ c["white"]
+            d = (w[:, None, :] - c["means"][None]).pow(2).sum(-1) / self.dim  # (B, C)
+        else:
+            d = 1.0 - F.normalize(z, dim=1) @ c["means"].T
+        out = torch.full((z.shape[0], T), float("inf"), device=z.device, dtype=z.dtype)
+        idx = c["class_task"].expand_as(d)
+        return out.scatter_reduce(1, idx, d, reduce="amin", include_self=True)
+
+    def task_posterior(self, z: torch.Tensor) -> torch.Tensor:
+        """``p(j | x)`` (B, T) for features ``z`` (B, D); rows sum to 1."""
+        return torch.softmax(-self.task_distances(z) / self.tau, dim=1)
+
+    # ------------------------------------------------------------------ state
+    def state(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Tensors for a checkpoint (float64 statistics, exact)."""
+        out = {
+            f"{prefix}means": self.means.clone(),
+            f"{prefix}class_task": self.class_task.clone(),
+            f"{prefix}scatter": self.scatter.clone(),
+            f"{prefix}count": torch.tensor([self.count], dtype=torch.int64),
+        }
+        for j, b in enumerate(self.task_bases):
+            out[f"{prefix}task_basis.{j}"] = b.clone()
+        return out
+
+    def load(self, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore from :meth:`state` output."""
+        self.means = tensors[f"{prefix}means"].to(torch.float64).clone()
+        self.class_task = tensors[f"{prefix}class_task"].to(torch.int64).clone()
+        self.scatter = tensors[f"{prefix}scatter"].to(torch.float64).clone()
+        self.count = int(tensors[f"{prefix}count"][0])
+        self.task_bases = []
+        j = 0
+        while f"{prefix}task_basis.{j}" in tensors:
+            self.task_bases.append(tensors[f"{prefix}task_basis.{j}"].to(torch.float64).clone())
+            j += 1
+        self._cache = None

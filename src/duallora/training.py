@@ -1,0 +1,388 @@
+"""The continual learner: train one task after another, predict and evaluate without task labels.
+
+:class:`ContinualLearner` is the Python API (usable from a notebook)::
+
+    learner = ContinualLearner(cfg, num_tasks=5)          # builds the frozen backbone + method
+    learner.learn_task(train_dataset, classes=(3, 7))      # labels are dataset label ids
+    pred = learner.predict(images)                         # class, task and confidence per image
+    row = learner.evaluate([test_task1, test_task2])       # accuracy per task, task-id accuracy
+    learner.save("ckpt.safetensors"); ContinualLearner.load("ckpt.safetensors")
+
+:func:`run_experiment` (``duallora run``) drives a whole class-incremental scenario and writes a run
+folder; see :mod:`duallora.runner`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from duallora import config as config_mod
+from duallora.backbones import BackboneInfo, create_backbone
+from duallora.config import RunConfig
+from duallora.errors import CheckpointError, TrainingError
+from duallora.methods import ContinualMethod, TaskContext, build_method
+from duallora.model import AdaptedViT
+
+CHECKPOINT_FORMAT = 1
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA, then Apple MPS, then the CPU; other names are passed to torch.
+
+    Raises:
+        TrainingError: a named device that is not available.
+    """
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise TrainingError(f"train.device={name!r} is not a device name (auto, cpu, cuda, cuda:0, mps)") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("train.device=cuda but no CUDA GPU is available; use train.device=auto or cpu")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch RNGs."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def make_progress(enabled: bool):
+    """A ``progress(iterable, description)`` function: tqdm bars when enabled, else identity."""
+    if not enabled:
+        return lambda it, desc: it
+    from tqdm.auto import tqdm
+
+    return lambda it, desc: tqdm(it, desc=desc, leave=False, dynamic_ncols=True)
+
+
+class _LocalLabels(Dataset):
+    """Wraps a dataset of (image, dataset label id) into (image, task-local label)."""
+
+    def __init__(self, base: Dataset, mapping: dict[int, int]) -> None:
+        self.base, self.mapping = base, mapping
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int):
+        x, y = self.base[i]
+        y = int(y)
+        if y not in self.mapping:
+            raise TrainingError(f"image {i} has label {y}, which is not one of this task's classes {sorted(self.mapping)}")
+        return x, self.mapping[y]
+
+
+@dataclass
+class Prediction:
+    """Per-image prediction for B images.
+
+    Attributes:
+        labels: (B,) predicted dataset label ids.
+        positions: (B,) predicted class-order positions (global output index).
+        tasks: (B,) predicted task (0-based).
+        confidence: (B,) task confidence ``max_j p(j | x)`` in [0, 1].
+        probs: (B, C) class probabilities over all seen classes (columns = positions).
+    """
+
+    labels: torch.Tensor
+    positions: torch.Tensor
+    tasks: torch.Tensor
+    confidence: torch.Tensor
+    probs: torch.Tensor
+
+
+class ContinualLearner:
+    """A frozen ViT that learns class-incremental tasks with one of the methods in :data:`METHODS`.
+
+    Args:
+        cfg: the run config (its ``backbone``, ``method``, ``train`` and ``seed`` sections are used).
+        num_tasks: T, for the energy-threshold schedule; None = unknown (eps stays at its start value).
+        backbone: an already built ``(model, info)`` pair (tests); None builds ``cfg.backbone``.
+        device: overrides ``cfg.train.device``.
+
+    Raises:
+        BackboneError, TrainingError: see :func:`~duallora.backbones.create_backbone`, :func:`select_device`.
+    """
+
+    def __init__(self, cfg: RunConfig, num_tasks: Optional[int] = None,
+                 backbone: Optional[tuple[nn.Module, BackboneInfo]] = None,
+                 device: Optional[torch.device] = None) -> None:
+        self.cfg = cfg
+        self.num_tasks = num_tasks
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.device = device or select_device(cfg.train.device)
+        seed_everything(cfg.seed)
+        model, info = backbone if backbone is not None else create_backbone(cfg.backbone.name, cfg.backbone.weights)
+        self.backbone_info = info
+        modules = cfg.method.adapted_modules if cfg.method.name != "frozen" else ()
+        self.model = AdaptedViT(model, info.mean, info.std, modules)
+        self.method: ContinualMethod = build_method(self.model, cfg.method, cfg.seed)
+        self.model.to(self.device)
+        self.task_classes: list[tuple[int, ...]] = []
+        self.history: list[dict[str, Any]] = []
+        self.progress = make_progress(cfg.train.progress)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def seen_labels(self) -> list[int]:
+        """Dataset label ids of all seen classes, in position order."""
+        return [c for classes in self.task_classes for c in classes]
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+        g = torch.Generator().manual_seed(seed)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g,
+                          num_workers=self.cfg.data.num_workers,
+                          pin_memory=self.device.type == "cuda",
+                          persistent_workers=False)
+
+    def _optimizer(self, groups: dict[str, list[nn.Parameter]]) -> torch.optim.Optimizer:
+        tc = self.cfg.train
+        head_lr = tc.head_lr if tc.head_lr is not None else tc.lr
+        params = [{"params": groups["adapters"], "lr": tc.lr}, {"params": groups["head"], "lr": head_lr}]
+        params = [p for p in params if p["params"]]
+        if tc.optimizer == "adam":
+            return torch.optim.Adam(params, lr=tc.lr, weight_decay=tc.weight_decay)
+        if tc.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+        return torch.optim.SGD(params, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
+
+    # ------------------------------------------------------------------ learning
+    def learn_task(self, train_data: Dataset, classes: Sequence[int]) -> dict[str, Any]:
+        """Learn the next task from ``train_data`` (yielding ``(image (C, H, W), dataset label id)``).
+
+        Args:
+            train_data: the task's training images.
+            classes: the task's dataset label ids; their order fixes the head's output order.
+
+        Returns:
+            a record of the task: losses per epoch, time, adapter ranks, memory growth.
+
+        Raises:
+            TrainingError: the loss became NaN/inf, or a label is not in ``classes``.
+            ValueError: a class already seen or an empty task.
+        """
+        classes = tuple(int(c) for c in classes)
+        if not classes:
+            raise ValueError("a task needs at least one class")
+        overlap = set(classes) & set(self.seen_labels)
+        if overlap:
+            raise ValueError(f"classes {sorted(overlap)} were already learned in an earlier task")
+        t = len(self.task_classes)
+        tc = self.cfg.train
+        data = _LocalLabels(train_data, {c: i for i, c in enumerate(classes)})
+        stats_loader = self._loader(data, tc.eval_batch_size, shuffle=False)
+        ctx = TaskContext(task=t, num_classes=len(classes), num_tasks=self.num_tasks,
+                          stats_loader=stats_loader, device=self.device, progress=self.progress)
+        start = time.perf_counter()
+        self.model.eval()  # the backbone has no dropout we want; adapters have none
+        begin_info = self.method.begin_task(ctx)
+        groups = self.method.param_groups(t)
+        opt = self._optimizer(groups)
+        loader = self._loader(data, tc.batch_size, shuffle=True, seed=self.cfg.seed * 1000 + t)
+        steps = tc.epochs * len(loader)
+        sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
+                 if tc.scheduler == "cosine" else None)
+        trainable = [p for g in groups.values() for p in g]
+        losses: list[float] = []
+        train_start = time.perf_counter()
+        step = 0
+        for epoch in range(tc.epochs):
+            total, n = 0.0, 0
+            bar = self.progress(loader, f"task {t + 1} epoch {epoch + 1}/{tc.epochs}")
+            for x, y in bar:
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                logits = self.method.train_logits(x, t)
+                loss = F.cross_entropy(logits, y)
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"the loss became {loss.item()} at task {t + 1}, epoch {epoch + 1}, step {step}; "
+                        f"lower train.lr (now {tc.lr}) or check the data"
+                    )
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if sched is not None:
+                    sched.step()
+                step += 1
+                total += loss.item() * len(y)
+                n += len(y)
+                if hasattr(bar, "set_postfix"):
+                    bar.set_postfix(loss=f"{loss.item():.4f}")
+            losses.append(total / max(n, 1))
+        train_time = time.perf_counter() - train_start
+        for p in trainable:
+            p.grad = None
+        end_start = time.perf_counter()
+        end_info = self.method.end_task(ctx)
+        end_time = time.perf_counter() - end_start
+        self.task_classes.append(classes)
+        record = {
+            "task": t + 1,
+            "classes": list(classes),
+            "train_images": len(data),
+            "epoch_loss": losses,
+            "train_time_s": train_time,
+            "task_time_s": time.perf_counter() - start,
+            "end_task_time_s": end_time,
+            **begin_info,
+            **end_info,
+        }
+        self.history.append(record)
+        return record
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> Prediction:
+        """Predict class, task and confidence for images (B, C, H, W) (uint8 or float in [0, 1]).
+
+        One forward pass; every image is predicted on its own (no batch statistics).
+
+        Raises:
+            RuntimeError: before the first task is learned.
+        """
+        if not self.task_classes:
+            raise RuntimeError("learn a task before predicting")
+        self.model.eval()
+        out = self.method.infer(images.to(self.device))
+        positions = out.probs.argmax(dim=1)
+        conf, tasks = out.task_posterior.max(dim=1)
+        lookup = torch.tensor(self.seen_labels, device=positions.device)
+        return Prediction(labels=lookup[positions].cpu(), positions=positions.cpu(), tasks=tasks.cpu(),
+                          confidence=conf.cpu(), probs=out.probs.cpu())
+
+    @torch.no_grad()
+    def evaluate(self, test_sets: Sequence[Dataset]) -> dict[str, Any]:
+        """Accuracy on each task's test set, predicting among all seen classes, task unknown.
+
+        The test sets are mixed into one loader, so batches hold images of several tasks.
+
+        Args:
+            test_sets: test data of tasks 0..k (k < tasks learned), each yielding (image, label id).
+
+        Returns:
+            ``accuracy`` (list, percent per task), ``correct``/``total`` per task,
+            ``task_id_accuracy`` (percent), ``confidence_mean``.
+        """
+        from torch.utils.data import ConcatDataset
+
+        if len(test_sets) > len(self.task_classes):
+            raise ValueError("more test sets than learned tasks")
+        label_task = {c: t for t, classes in enumerate(self.task_classes) for c in classes}
+        loader = self._loader(ConcatDataset(list(test_sets)), self.cfg.train.eval_batch_size, shuffle=False)
+        correct = [0] * len(test_sets)
+        total = [0] * len(test_sets)
+        task_correct = 0
+        conf_sum = 0.0
+        for x, y in self.progress(loader, "evaluate"):
+            pred = self.predict(x)
+            y = y.cpu()
+            true_task = torch.tensor([label_task[int(v)] for v in y])
+            hit = pred.labels == y
+            for t in range(len(test_sets)):
+                m = true_task == t
+                correct[t] += int(hit[m].sum())
+                total[t] += int(m.sum())
+            task_correct += int((pred.tasks == true_task).sum())
+            conf_sum += float(pred.confidence.sum())
+        n = sum(total)
+        return {
+            "accuracy": [100.0 * c / max(s, 1) for c, s in zip(correct, total)],
+            "correct": correct,
+            "total": total,
+            "task_id_accuracy": 100.0 * task_correct / max(n, 1),
+            "confidence_mean": conf_sum / max(n, 1),
+        }
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | Path, extra: Optional[dict[str, Any]] = None) -> Path:
+        """Write everything learned so far to a safetensors file (atomically).
+
+        The file holds the adapters (as low-rank factors), heads, memory and statistics; metadata
+        holds the config, backbone record and the classes of each task. The frozen backbone is not
+        copied: loading rebuilds it from its name/weights file and checks the sha256.
+        """
+        from safetensors.torch import save
+
+        from duallora.reporting import write_bytes_atomic
+
+        meta = {
+            "format": CHECKPOINT_FORMAT,
+            "config": config_mod.to_dict(self.cfg),
+            "num_tasks": self.num_tasks,
+            "backbone": self.backbone_info.to_dict(),
+            "task_classes": [list(c) for c in self.task_classes],
+            "history": self.history,
+            "extra": extra or {},
+        }
+        tensors = {k: v.contiguous() for k, v in self.method.state_tensors().items()}
+        data = save(tensors, metadata={"duallora": json.dumps(meta)})
+        return write_bytes_atomic(Path(path), data)
+
+    @classmethod
+    def read_checkpoint(cls, path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Tensors and metadata of a checkpoint file.
+
+        Raises:
+            CheckpointError: missing file, not a duallora checkpoint, or an unknown format.
+        """
+        from safetensors import safe_open
+
+        p = Path(path)
+        if not p.is_file():
+            raise CheckpointError(f"checkpoint {str(p)!r} does not exist")
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                meta_raw = (f.metadata() or {}).get("duallora")
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as exc:
+            raise CheckpointError(f"cannot read checkpoint {str(p)!r}: {type(exc).__name__}: {exc}") from exc
+        if meta_raw is None:
+            raise CheckpointError(f"{str(p)!r} is a safetensors file but not a duallora checkpoint")
+        meta = json.loads(meta_raw)
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"checkpoint format {meta.get('format')} is not supported (need {CHECKPOINT_FORMAT})")
+        return tensors, meta
+
+    @classmethod
+    def load(cls, path: str | Path, device: Optional[torch.device] = None,
+             backbone: Optional[tuple[nn.Module, BackboneInfo]] = None) -> "ContinualLearner":
+        """Rebuild a learner from :meth:`save` output; predictions are identical.
+
+        Raises:
+            CheckpointError: unreadable file, or backbone weights whose sha256 differs from the record.
+        """
+        tensors, meta = cls.read_checkpoint(path)
+        cfg = config_mod.from_dict(meta["config"])
+        learner = cls(cfg, num_tasks=meta["num_tasks"], backbone=backbone, device=device)
+        want = meta["backbone"]["sha256"]
+        if learner.backbone_info.sha256 != want:
+            raise CheckpointError(
+                f"backbone weights differ from the ones this checkpoint was trained on "
+                f"(sha256 {learner.backbone_info.sha256[:12]}... != {want[:12]}...); pass the same weights file"
+            )
+        learner.method.load_state_tensors(tensors)
+        learner.model.to(learner.device)
+        learner.task_classes = [tuple(c) for c in meta["task_classes"]]
+        learner.history = list(meta.get("history", []))
+        return learner
+
