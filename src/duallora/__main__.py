@@ -1,0 +1,5 @@
+"""``python -m duallora`` runs the command line."""
+
+from duallora.cli import main
+
+main()

@@ -1,0 +1,135 @@
+"""The ``duallora`` command line (also ``python -m duallora``).
+
+Commands: ``run`` (learn a class-incremental scenario), ``evaluate`` (re-evaluate saved checkpoints),
+``pretrain`` (regenerate the shipped MNIST-pre-trained backbone). A user error prints one line
+``error: ...`` naming the cause and the fix and exits with status 2; an interrupted run exits 130.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+
+from duallora.errors import DualLoRAError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help=(
+        "DualLoRA: rehearsal-free class-incremental learning of a frozen pre-trained ViT with "
+        "orthogonal + residual low-rank adapters, a subspace memory and calibrated task identity."
+    ),
+)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn DualLoRAError into a one-line message and exit 2; Ctrl-C into exit 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except DualLoRAError as exc:
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            _fail("interrupted; the unfinished run stays in <output>.partial, earlier outputs are untouched", 130)
+
+    return wrapper
+
+
+@app.command(context_settings={"allow_extra_args": False})
+@user_errors
+def run(
+    overrides: Optional[List[str]] = typer.Argument(
+        None, help="Config overrides as key=value with dotted keys, e.g. train.epochs=1 method.name=frozen seed=3."
+    ),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML preset, e.g. configs/fashion_mnist_5x2.yaml."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run folder (default: runs/<method>-<dataset>-...-<time>)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder (only once this run succeeds)."),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
+) -> None:
+    """Learn tasks one after another and evaluate after each without task labels.
+
+    With no arguments: DualLoRA on Fashion-MNIST in 5 tasks of 2 classes on the shipped
+    MNIST-pre-trained ViT (a few minutes on 2 CPU cores). Writes config.yaml, class_order.json,
+    metrics.json, accuracy_matrix.csv/.png, accuracy_curve.png, history.json and a checkpoint per task.
+    """
+    from duallora.config import load_config, to_yaml
+
+    cfg = load_config(config, overrides or [])
+    if print_config:
+        typer.echo(to_yaml(cfg))
+        return
+    from duallora.reporting import format_metrics_table
+    from duallora.runner import run_experiment
+
+    metrics = run_experiment(cfg, output, overwrite=overwrite, echo=typer.echo)
+    typer.echo(format_metrics_table(metrics))
+    typer.echo(f"outputs written to {metrics['output']}")
+
+
+@app.command()
+@user_errors
+def evaluate(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="Run folder, its checkpoints/ folder or one task_K.safetensors file."),
+    data_root: Optional[str] = typer.Option(None, "--data-root", help="Data folder if it moved since the run."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write the metrics to this JSON file."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+) -> None:
+    """Re-evaluate saved checkpoints on the run's test data and print the metrics.
+
+    A run folder re-evaluates every task's checkpoint, which rebuilds the accuracy matrix and every
+    metric of metrics.json.
+    """
+    from duallora.reporting import format_metrics_table, write_json_atomic
+    from duallora.runner import evaluate_checkpoints
+
+    metrics = evaluate_checkpoints(checkpoint, echo=typer.echo, progress=progress, data_root=data_root)
+    typer.echo(format_metrics_table(metrics))
+    if output is not None:
+        write_json_atomic(output, metrics)
+        typer.echo(f"metrics written to {output}")
+
+
+@app.command()
+@user_errors
+def pretrain(
+    output: Path = typer.Option(Path("runs/pretrain/vit_tiny_patch7_28_mnist.safetensors"), "--output", "-o",
+                                help="Weights file to write (.safetensors); a .json record is written beside it."),
+    epochs: int = typer.Option(4, min=1, help="Epochs over MNIST's 60k training images."),
+    batch_size: int = typer.Option(128, min=1),
+    lr: float = typer.Option(1e-3, min=0.0),
+    seed: int = typer.Option(0),
+    train_per_class: Optional[int] = typer.Option(None, min=1, help="Cap on training images per class (quick runs)."),
+    threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads."),
+) -> None:
+    """Pre-train the small ViT (28x28, patch 7, width 192, depth 6) on MNIST: the offline default backbone.
+
+    To regenerate the shipped weights:
+    duallora pretrain --output src/duallora/weights/vit_tiny_patch7_28_mnist.safetensors --epochs 4 --seed 0
+    """
+    from duallora.pretrain import pretrain as do_pretrain
+
+    record = do_pretrain(output, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                         train_per_class=train_per_class, threads=threads)
+    typer.echo(json.dumps(record, indent=2))
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Entry point of the ``duallora`` script."""
+    app(args=argv if argv is not None else sys.argv[1:], prog_name="duallora")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

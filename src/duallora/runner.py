@@ -1,0 +1,241 @@
+"""Whole runs: a class-incremental scenario learned task by task into one output folder.
+
+``duallora run`` calls :func:`run_experiment`; ``duallora evaluate`` calls :func:`evaluate_checkpoints`.
+A run folder holds (see README, "What a run writes"): ``config.yaml``, ``class_order.json``,
+``metrics.json``, ``accuracy_matrix.csv``, ``accuracy_matrix.png``, ``accuracy_curve.png``,
+``history.json`` and ``checkpoints/task_K.safetensors`` after each task K. Everything is written into
+``<output>.partial`` and published only when the run succeeds, so a failed run never touches an
+earlier run's outputs (field-lessons.md, lessons 9 and 11).
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from duallora import __version__
+from duallora import config as config_mod
+from duallora.backbones import BackboneInfo, create_backbone
+from duallora.config import RunConfig
+from duallora.data.datasets import load_dataset
+from duallora.data.scenarios import ClassIncrementalScenario
+from duallora.errors import CheckpointError
+from duallora.metrics import build_matrix, compute_metrics
+from duallora.reporting import (
+    RunDirectory,
+    plot_accuracy_curve,
+    plot_accuracy_matrix,
+    write_accuracy_matrix_csv,
+    write_json_atomic,
+    write_text_atomic,
+)
+from duallora.training import ContinualLearner
+
+Echo = Callable[[str], None]
+
+
+def default_output(cfg: RunConfig) -> Path:
+    """``runs/<method>-<dataset>-<T>tasks-seed<S>-<timestamp>``."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    tasks = cfg.data.num_tasks or f"c{cfg.data.classes_per_task}"
+    return Path("runs") / f"{cfg.method.name}-{cfg.data.dataset}-{tasks}tasks-seed{cfg.seed}-{stamp}"
+
+
+def build_scenario(cfg: RunConfig, info: BackboneInfo) -> ClassIncrementalScenario:
+    """Load the configured dataset at the backbone's input size and cut it into tasks.
+
+    Raises:
+        DataError: unknown dataset, missing data, or classes that cannot be split as asked.
+    """
+    d = cfg.data
+    channels, height, width = info.input_size
+    kw = dict(root=d.root, image_size=(height, width), channels=channels, seed=cfg.seed, test_fraction=d.test_fraction)
+    train = load_dataset(d.dataset, "train", **kw)
+    test = load_dataset(d.dataset, "test", **kw)
+    return ClassIncrementalScenario(
+        train, test, num_tasks=d.num_tasks, classes_per_task=d.classes_per_task, seed=cfg.seed,
+        class_order=list(d.class_order) if d.class_order is not None else None,
+        shuffle_classes=d.shuffle_classes, train_per_class=d.train_per_class, test_per_class=d.test_per_class,
+    )
+
+
+def _environment() -> dict[str, str]:
+    import timm
+
+    return {"duallora": __version__, "torch": torch.__version__, "timm": timm.__version__,
+            "python": platform.python_version(), "machine": platform.machine()}
+
+
+def run_experiment(cfg: RunConfig, output: Optional[Path] = None, *, overwrite: bool = False,
+                   echo: Echo = print) -> dict[str, Any]:
+    """Learn every task of the configured scenario and write the run folder.
+
+    Args:
+        cfg: a validated run config.
+        output: the run folder; None = :func:`default_output`.
+        overwrite: replace an existing non-empty folder (only once this run succeeds).
+        echo: where progress lines go.
+
+    Returns:
+        the metrics dict written to ``metrics.json``.
+
+    Raises:
+        DualLoRAError subclasses for bad config, data, backbone, diverged training or an existing
+        output folder; the earlier content of ``output`` is left untouched in every case.
+    """
+    wall_start = time.perf_counter()
+    output = Path(output) if output is not None else default_output(cfg)
+    model, info = create_backbone(cfg.backbone.name, cfg.backbone.weights)
+    scenario = build_scenario(cfg, info)
+    rundir = RunDirectory(output, overwrite=overwrite)
+    stage = rundir.path
+    echo(f"duallora {cfg.method.name}: {cfg.data.dataset}, {scenario.num_tasks} tasks, "
+         f"backbone {info.name} (sha256 {info.sha256[:12]}), seed {cfg.seed}")
+    echo(f"class order: {scenario.class_order}")
+    write_text_atomic(stage / "config.yaml", config_mod.to_yaml(cfg))
+    write_json_atomic(stage / "class_order.json", scenario.to_dict())
+
+    learner = ContinualLearner(cfg, num_tasks=scenario.num_tasks, backbone=(model, info))
+    rows: list[list[float]] = []
+    task_id_rows: list[float] = []
+    test_sizes = [len(scenario.test_dataset(t)) for t in range(scenario.num_tasks)]
+    train_time = 0.0
+    eval_time = 0.0
+    for task in scenario.tasks:
+        t = task.index
+        record = learner.learn_task(scenario.train_dataset(t), task.classes)
+        train_time += record["task_time_s"]
+        e0 = time.perf_counter()
+        ev = learner.evaluate([scenario.test_dataset(i) for i in range(t + 1)])
+        eval_time += time.perf_counter() - e0
+        rows.append(ev["accuracy"])
+        task_id_rows.append(ev["task_id_accuracy"])
+        record["evaluation"] = ev
+        learner.save(stage / "checkpoints" / f"task_{t + 1}.safetensors",
+                     extra={"accuracy_rows": rows, "task_id_accuracy_rows": task_id_rows})
+        seen = sum(c for c in ev["correct"]) / max(sum(ev["total"]), 1) * 100
+        mem = record.get("memory_size")
+        mem_txt = f", memory dims {min(mem.values())}-{max(mem.values())}" if mem else ""
+        echo(f"task {t + 1}/{scenario.num_tasks} classes {list(task.classes)}: loss {record['epoch_loss'][-1]:.4f}, "
+             f"accuracy on seen classes {seen:.2f}%, task-id {ev['task_id_accuracy']:.2f}%{mem_txt} "
+             f"({record['task_time_s']:.1f}s)")
+
+    R = build_matrix(rows)
+    metrics: dict[str, Any] = compute_metrics(R, test_sizes, task_id_accuracy=task_id_rows[-1])
+    metrics.update({
+        "accuracy_matrix": [[None if np.isnan(v) else float(v) for v in row] for row in R],
+        "task_id_accuracy_after_task": task_id_rows,
+        "num_tasks": scenario.num_tasks,
+        "test_images_per_task": test_sizes,
+        "method": cfg.method.name,
+        "dataset": cfg.data.dataset,
+        "class_order": scenario.class_order,
+        "backbone": info.name,
+        "backbone_sha256": info.sha256,
+        "backbone_sha256_of": info.sha256_of,
+        "seed": cfg.seed,
+        "train_time_s": train_time,
+        "eval_time_s": eval_time,
+        "wall_time_s": time.perf_counter() - wall_start,
+        "device": str(learner.device),
+        "environment": _environment(),
+    })
+    write_json_atomic(stage / "history.json", learner.history)
+    write_accuracy_matrix_csv(stage / "accuracy_matrix.csv", R)
+    title = f"{cfg.method.name} on {cfg.data.dataset} ({scenario.num_tasks} tasks)"
+    plot_accuracy_matrix(stage / "accuracy_matrix.png", R, title)
+    plot_accuracy_curve(stage / "accuracy_curve.png",
+                        {"accuracy (sample-weighted)": metrics["accuracy_after_task"],
+                         "task-id accuracy": task_id_rows}, title)
+    write_json_atomic(stage / "metrics.json", metrics)
+    final = rundir.commit()
+    metrics["output"] = str(final)
+    return metrics
+
+
+_TASK_FILE = re.compile(r"task_(\d+)\.safetensors$")
+
+
+def find_checkpoints(path: Path) -> list[Path]:
+    """Checkpoint files for ``path``: itself if a file, else ``task_K.safetensors`` in order.
+
+    Accepts a run folder, its ``checkpoints/`` folder or one checkpoint file.
+
+    Raises:
+        CheckpointError: nothing found.
+    """
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    if not folder.is_dir():
+        raise CheckpointError(f"{str(path)!r} is neither a checkpoint file nor a run folder")
+    found = sorted(((int(m.group(1)), p) for p in folder.iterdir() if (m := _TASK_FILE.search(p.name))))
+    if not found:
+        raise CheckpointError(f"no task_K.safetensors checkpoints in {str(folder)!r}; pass a run folder made by `duallora run`")
+    return [p for _, p in found]
+
+
+def evaluate_checkpoints(path: Path, *, echo: Echo = print, progress: bool = True,
+                         data_root: Optional[str] = None) -> dict[str, Any]:
+    """Re-evaluate checkpoints on the test data their run used, without task labels.
+
+    With a run folder every task's checkpoint is evaluated, which rebuilds the whole accuracy
+    matrix and so every metric; with one checkpoint file only its row (its tasks) is evaluated.
+
+    Args:
+        path: run folder, its ``checkpoints/`` folder or a checkpoint file.
+        data_root: overrides the stored ``data.root`` (data moved since the run).
+
+    Returns:
+        metrics as in ``metrics.json`` (for a single file: ``final_accuracy`` etc. of its row).
+
+    Raises:
+        CheckpointError, DataError, BackboneError.
+    """
+    files = find_checkpoints(Path(path))
+    rows: list[list[float]] = []
+    task_ids: list[float] = []
+    scenario = None
+    meta: dict[str, Any] = {}
+    for f in files:
+        _, meta = ContinualLearner.read_checkpoint(f)
+        stored = meta["config"]
+        stored["train"]["progress"] = progress
+        if data_root is not None:
+            stored["data"]["root"] = data_root
+        cfg = config_mod.from_dict(stored)
+        # a fresh backbone per checkpoint: loading merges adapters into its weights in place
+        learner = ContinualLearner.load(f, backbone=create_backbone(cfg.backbone.name, cfg.backbone.weights))
+        if scenario is None:
+            scenario = build_scenario(cfg, learner.backbone_info)
+        k = len(learner.task_classes)
+        if [list(t.classes) for t in scenario.tasks[:k]] != [list(c) for c in learner.task_classes]:
+            raise CheckpointError(f"{f.name}: the rebuilt class order differs from the checkpoint's; was the data changed?")
+        ev = learner.evaluate([scenario.test_dataset(i) for i in range(k)])
+        rows.append(ev["accuracy"])
+        task_ids.append(ev["task_id_accuracy"])
+        echo(f"{f.name}: accuracy per task {[round(a, 2) for a in ev['accuracy']]}, task-id {ev['task_id_accuracy']:.2f}%")
+    assert scenario is not None
+    sizes = [len(scenario.test_dataset(t)) for t in range(len(rows[-1]))]
+    stored_rows = meta.get("extra", {}).get("accuracy_rows") or []
+    if len(files) == 1 and len(rows[0]) > 1:
+        if len(stored_rows) != len(rows[0]):
+            raise CheckpointError(f"{files[0].name} has no stored accuracy record; evaluate the whole run folder")
+        # one checkpoint re-evaluates the last row; earlier rows come from the checkpoint's record
+        R = build_matrix(stored_rows[:-1] + [rows[0]])
+    else:
+        R = build_matrix(rows)
+    out = compute_metrics(R, sizes, task_id_accuracy=task_ids[-1])
+    out["matches_stored_record"] = bool(stored_rows) and np.allclose(rows[-1], stored_rows[-1])
+    out["accuracy_matrix"] = [[None if np.isnan(v) else float(v) for v in row] for row in R]
+    out["task_id_accuracy_after_task"] = task_ids
+    out["checkpoints"] = [str(f) for f in files]
+    return out
