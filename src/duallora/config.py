@@ -59,7 +59,7 @@ class MethodConfig:
     energy_threshold_end: float = 0.99  #: eps_T; eps_t rises linearly in between
     stat_tokens: str = "all"  #: all | cls: tokens that feed the memory's Gram matrices
     gate: str = "soft"  #: soft | hard | shared: dynamic-memory gate type
-    gate_layer: int = -1  #: for gate=shared: index of the adapted layer whose gate is shared
+    gate_layer: int = 0  #: for gate=shared: adapted layer (index, negative from the end) whose gate later layers reuse
     task_id_score: str = "mahalanobis"  #: mahalanobis | cosine | subspace
     subspace_dims: int = 32  #: q, directions per task for task_id_score=subspace
     tau_id: float = 1.0  #: temperature of the task posterior (on distances per dimension)
