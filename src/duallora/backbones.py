@@ -164,7 +164,8 @@ def _create_timm(name: str, weights: Optional[str], pretrained: bool) -> tuple[n
 
     arch = name.split(".")[0]
     if not timm.is_model(arch):
-        close = timm.list_models(f"*{arch.split('_')[0]}*")[:8]
+        family = "_".join(arch.split("_")[:2])
+        close = timm.list_models(f"{family}*")[:8] or timm.list_models(f"{arch.split('_')[0]}_*")[:8]
         raise BackboneError(
             f"unknown backbone {name!r}: timm has no model {arch!r}"
             + (f"; similar names: {', '.join(close)}" if close else "")
@@ -184,6 +185,12 @@ def _create_timm(name: str, weights: Optional[str], pretrained: bool) -> tuple[n
                 name, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=str(path))
             )
         else:
+            if pretrained and not hub_reachable():
+                raise BackboneError(
+                    f"cannot download the weights of {name!r}: the Hugging Face hub is not reachable "
+                    f"(offline); download them elsewhere and pass backbone.weights=/path/to/model.safetensors "
+                    f"(or use the offline default {SHIPPED_NAME})"
+                )
             model = timm.create_model(name, pretrained=pretrained, num_classes=0)
     except BackboneError:
         raise
@@ -263,6 +270,22 @@ def shipped_record() -> dict[str, Any]:
     return {}
 
 
-def offline_hint() -> bool:
-    """True when the Hugging Face hub is switched off (``HF_HUB_OFFLINE=1``)."""
-    return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether weights can be fetched from the Hugging Face hub (fail fast instead of ~50 s of retries).
+
+    False when ``HF_HUB_OFFLINE`` is set; True when a proxy is configured (it is then up to the proxy);
+    otherwise a TCP connection to the hub's endpoint (``HF_ENDPOINT``) decides.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False"):
+        return False
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False

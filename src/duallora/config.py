@@ -133,6 +133,10 @@ def validate(cfg: RunConfig) -> RunConfig:
         value = _get(cfg, key)
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not supported; choose one of {', '.join(allowed)}")
+    from duallora.data.datasets import DATASETS
+
+    if cfg.data.dataset not in DATASETS:
+        raise ConfigError(f"data.dataset={cfg.data.dataset!r} is not supported; choose one of {', '.join(DATASETS)}")
     for mod in cfg.method.adapted_modules:
         if mod not in ADAPTABLE_MODULES:
             raise ConfigError(
