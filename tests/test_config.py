@@ -1,0 +1,89 @@
+"""Config loading: presets, overrides, and every kind of bad key or value rejected with its name."""
+
+from pathlib import Path
+
+import pytest
+
+from duallora.config import RunConfig, from_dict, load_config, to_dict, to_yaml
+from duallora.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_the_default_benchmark():
+    cfg = load_config(None)
+    assert cfg.data.dataset == "fashion-mnist"
+    assert cfg.data.num_tasks == 5
+    assert cfg.method.name == "duallora"
+    assert cfg.backbone.name == "vit_tiny_patch7_28.duallora_mnist"
+    assert cfg.method.adapted_modules == ["qkv"]
+
+
+def test_default_preset_equals_defaults():
+    assert load_config(ROOT / "configs" / "default.yaml") == load_config(None)
+
+
+def test_every_preset_loads():
+    presets = sorted((ROOT / "configs").glob("*.yaml"))
+    assert presets
+    for p in presets:
+        assert isinstance(load_config(p), RunConfig)
+
+
+def test_overrides_are_typed_and_applied():
+    cfg = load_config(None, ["train.epochs=3", "train.lr=0.01", "seed=7", "method.adapted_modules=[qkv,fc1]",
+                             "data.class_order=[1,0,3,2,5,4,7,6,9,8]"])
+    assert cfg.train.epochs == 3
+    assert cfg.train.lr == 0.01
+    assert cfg.seed == 7
+    assert cfg.method.adapted_modules == ["qkv", "fc1"]
+    assert cfg.data.class_order == [1, 0, 3, 2, 5, 4, 7, 6, 9, 8]
+
+
+def test_yaml_and_dict_round_trip(tmp_path):
+    cfg = load_config(None, ["train.epochs=1", "method.gate=hard"])
+    p = tmp_path / "c.yaml"
+    p.write_text(to_yaml(cfg))
+    assert load_config(p) == cfg
+    assert from_dict(to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["foo=1"], "unknown config key 'foo'"),
+        (["train.bogus=1"], "unknown config key 'train.bogus'"),
+        (["train.epochs=many"], "train.epochs"),
+        (["train.epochs=0"], "train.epochs=0 must be a positive integer"),
+        (["method.name=l2x"], "method.name='l2x' is not supported"),
+        (["data.dataset=cifar"], "data.dataset='cifar' is not supported"),
+        (["method.gate=sometimes"], "method.gate"),
+        (["method.adapted_modules=[qkv,head]"], "'head'"),
+        (["method.energy_threshold_end=1.5"], "energy_threshold_end"),
+        (["train.lr=-1"], "train.lr"),
+        (["data.num_tasks=0"], "data.num_tasks=0"),
+        (["method.name=frozen", "method.rank_residual=4"], "method 'frozen' does not use it"),
+        (["method.name=seq-lora", "method.gate=hard"], "method 'seq-lora' does not use it"),
+        (["train.epochs"], "not of the form key=value"),
+    ],
+)
+def test_bad_config_is_rejected_with_its_name(overrides, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert fragment in str(err.value)
+
+
+def test_unknown_key_in_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("train:\n  epoch: 3\n")
+    with pytest.raises(ConfigError, match="unknown config key 'train.epoch'"):
+        load_config(p)
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    p = tmp_path / "broken.yaml"
+    p.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="cannot parse"):
+        load_config(p)
