@@ -1,0 +1,175 @@
+"""TaskSignatures: class means, pooled covariance and the task posterior."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from duallora.signatures import TaskSignatures
+
+F64 = torch.float64
+
+
+def add_task(sig: TaskSignatures, z: torch.Tensor, y: torch.Tensor, num_classes: int) -> None:
+    acc = TaskSignatures.new_accumulator(num_classes, z.shape[1])
+    TaskSignatures.accumulate(acc, z, y)
+    sig.add_task(acc)
+
+
+def cross_samples(mean: list[float], s: float) -> torch.Tensor:
+    """The 4 points mean +- s e1, mean +- s e2 (2-D): within-class scatter 2 s^2 I."""
+    m = torch.tensor(mean, dtype=F64)
+    offs = torch.tensor([[s, 0.0], [-s, 0.0], [0.0, s], [0.0, -s]], dtype=F64)
+    return m + offs
+
+
+def test_mahalanobis_hand_example_identity_covariance():
+    # 2 tasks of 1 class each, 4 samples per class: pooled scatter 2 * 2 s^2 I = 4 s^2 I,
+    # degrees of freedom 8 - 2 = 6, so s^2 = 1.5 gives the pooled covariance I exactly.
+    s = math.sqrt(1.5)
+    sig = TaskSignatures(2, ridge=1e-12)
+    add_task(sig, cross_samples([0.0, 0.0], s), torch.zeros(4, dtype=torch.long), 1)
+    add_task(sig, cross_samples([10.0, 0.0], s), torch.zeros(4, dtype=torch.long), 1)
+    assert torch.allclose(sig.means, torch.tensor([[0.0, 0.0], [10.0, 0.0]], dtype=F64))
+    assert torch.allclose(sig.scatter, 6.0 * torch.eye(2, dtype=F64), atol=1e-12)
+    assert sig.count == 8
+    z = torch.tensor([[3.0, 4.0]], dtype=F64)
+    d = sig.task_distances(z)
+    # task 0: |(3,4)|^2 / D = 25 / 2 = 12.5; task 1: |(-7,4)|^2 / 2 = 65 / 2 = 32.5
+    assert torch.allclose(d, torch.tensor([[12.5, 32.5]], dtype=F64), atol=1e-8)
+    post = sig.task_posterior(z)
+    # softmax(-d / tau), tau = 1: p0 = 1 / (1 + exp(-20))
+    p0 = 1.0 / (1.0 + math.exp(-20.0))
+    assert torch.allclose(post, torch.tensor([[p0, 1 - p0]], dtype=F64), atol=1e-10)
+
+
+def test_mahalanobis_uses_the_covariance_and_temperature():
+    # within-class spread 10x larger along e1: a point 3 away along e1 is closer than 1 away along e2
+    base = torch.tensor([[3.0, 0.0], [-3.0, 0.0], [0.0, 0.3], [0.0, -0.3]], dtype=F64)
+    sig = TaskSignatures(2, ridge=1e-12, tau=2.0)
+    add_task(sig, base, torch.zeros(4, dtype=torch.long), 1)
+    add_task(sig, base + torch.tensor([6.0, 1.0], dtype=F64), torch.zeros(4, dtype=torch.long), 1)
+    # scatter diag(2*9*2, 2*0.09*2) = diag(36, 0.36), dof 6 -> cov diag(6, 0.06)
+    z = torch.tensor([[3.0, 0.0]], dtype=F64)
+    d = sig.task_distances(z)
+    # task 0: 9/6 / 2 = 0.75; task 1: (9/6 + 1/0.06) / 2 = (1.5 + 16.6667) / 2 = 9.08333
+    assert torch.allclose(d, torch.tensor([[0.75, (1.5 + 1 / 0.06) / 2]], dtype=F64), atol=1e-8)
+    post = sig.task_posterior(z)
+    expected = torch.softmax(-d / 2.0, dim=1)
+    assert torch.allclose(post, expected, atol=1e-12)
+    assert post.argmax().item() == 0
+
+
+def two_task_gaussians(seed: int = 0, n: int = 60, dim: int = 4):
+    """Task 0 has classes around +-5 e1, task 1 classes around +-5 e2; unit noise."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.zeros(4, dim, dtype=F64)
+    centres[0, 0], centres[1, 0], centres[2, 1], centres[3, 1] = 5.0, -5.0, 5.0, -5.0
+    z = centres.repeat_interleave(n, 0) + torch.randn(4 * n, dim, generator=g, dtype=F64)
+    cls = torch.arange(4).repeat_interleave(n)
+    return z, cls, centres
+
+
+@pytest.mark.parametrize("score", ["mahalanobis", "cosine", "subspace"])
+def test_scores_pick_the_right_task(score):
+    z, cls, centres = two_task_gaussians()
+    sig = TaskSignatures(4, score=score, subspace_dims=1)
+    add_task(sig, z[cls < 2], cls[cls < 2], 2)
+    add_task(sig, z[cls >= 2], cls[cls >= 2] - 2, 2)
+    assert sig.num_tasks == 2
+    assert sig.class_task.tolist() == [0, 0, 1, 1]
+    zt, clst, _ = two_task_gaussians(seed=1, n=20)
+    post = sig.task_posterior(zt)
+    assert post.shape == (80, 2)
+    assert torch.allclose(post.sum(1), torch.ones(80, dtype=F64), atol=1e-12)
+    task = (clst >= 2).long()
+    assert (post.argmax(1) == task).float().mean().item() >= 0.95
+    # the class centres themselves are unambiguous
+    assert sig.task_posterior(centres).argmax(1).tolist() == [0, 0, 1, 1]
+
+
+def test_task_distance_is_min_over_its_classes():
+    z, cls, centres = two_task_gaussians()
+    sig = TaskSignatures(4, score="cosine")
+    add_task(sig, z[cls < 2], cls[cls < 2], 2)
+    add_task(sig, z[cls >= 2], cls[cls >= 2] - 2, 2)
+    zt = torch.randn(7, 4, generator=torch.Generator().manual_seed(3), dtype=F64)
+    per_class = 1.0 - torch.nn.functional.normalize(zt, dim=1) @ torch.nn.functional.normalize(sig.means, dim=1).T
+    expected = torch.stack([per_class[:, :2].min(1).values, per_class[:, 2:].min(1).values], dim=1)
+    assert torch.allclose(sig.task_distances(zt), expected, atol=1e-12)
+    msig = TaskSignatures(4, ridge=1e-12)
+    add_task(msig, z[cls < 2], cls[cls < 2], 2)
+    add_task(msig, z[cls >= 2], cls[cls >= 2] - 2, 2)
+    # hand: squared Mahalanobis per dimension with the pooled covariance
+    cov = msig.scatter / (msig.count - 4)
+    diff = zt[:, None, :] - msig.means[None]
+    dc = torch.einsum("bcd,de,bce->bc", diff, torch.linalg.inv(cov), diff) / 4
+    expected = torch.stack([dc[:, :2].min(1).values, dc[:, 2:].min(1).values], dim=1)
+    assert torch.allclose(msig.task_distances(zt), expected, rtol=1e-6)
+
+
+def test_rows_sum_to_one_float32():
+    z, cls, _ = two_task_gaussians()
+    sig = TaskSignatures(4)
+    add_task(sig, z[cls < 2], cls[cls < 2], 2)
+    add_task(sig, z[cls >= 2], cls[cls >= 2] - 2, 2)
+    zt = torch.randn(9, 4, generator=torch.Generator().manual_seed(4)) * 3
+    post = sig.task_posterior(zt)
+    assert post.dtype == torch.float32
+    assert torch.allclose(post.sum(1), torch.ones(9), atol=1e-6)
+    assert (post >= 0).all()
+
+
+@pytest.mark.parametrize("score", ["mahalanobis", "cosine", "subspace"])
+def test_batch_invariance(score):
+    z, cls, _ = two_task_gaussians()
+    sig = TaskSignatures(4, score=score, subspace_dims=2)
+    add_task(sig, z[cls < 2], cls[cls < 2], 2)
+    add_task(sig, z[cls >= 2], cls[cls >= 2] - 2, 2)
+    zt = (torch.randn(16, 4, generator=torch.Generator().manual_seed(5)) * 4).float()
+    batch = sig.task_posterior(zt)
+    perm = torch.randperm(16, generator=torch.Generator().manual_seed(6))
+    shuffled = sig.task_posterior(zt[perm])
+    assert torch.allclose(shuffled, batch[perm], atol=1e-6)
+    for i in (0, 7, 15):
+        alone = sig.task_posterior(zt[i : i + 1])
+        assert torch.allclose(alone[0], batch[i], atol=1e-6)
+
+
+def test_state_round_trip():
+    z, cls, _ = two_task_gaussians()
+    sig = TaskSignatures(4, score="subspace", subspace_dims=2)
+    add_task(sig, z[cls < 2], cls[cls < 2], 2)
+    add_task(sig, z[cls >= 2], cls[cls >= 2] - 2, 2)
+    state = sig.state("s.")
+    other = TaskSignatures(4, score="subspace", subspace_dims=2)
+    other.load("s.", state)
+    assert torch.equal(other.means, sig.means)
+    assert torch.equal(other.class_task, sig.class_task)
+    assert torch.equal(other.scatter, sig.scatter)
+    assert other.count == sig.count == 240
+    assert other.num_tasks == 2
+    assert all(torch.equal(a, b) for a, b in zip(other.task_bases, sig.task_bases))
+    zt = torch.randn(5, 4, generator=torch.Generator().manual_seed(7), dtype=F64)
+    assert torch.equal(other.task_posterior(zt), sig.task_posterior(zt))
+    # the Mahalanobis view of the same statistics agrees too
+    m1, m2 = TaskSignatures(4), TaskSignatures(4)
+    m1.load("s.", state)
+    m2.load("s.", state)
+    assert torch.equal(m1.task_posterior(zt), m2.task_posterior(zt))
+
+
+def test_errors():
+    with pytest.raises(ValueError):
+        TaskSignatures(3, score="euclid")
+    with pytest.raises(ValueError):
+        TaskSignatures(3, tau=0.0)
+    sig = TaskSignatures(3)
+    with pytest.raises(RuntimeError):
+        sig.task_distances(torch.zeros(1, 3))
+    acc = TaskSignatures.new_accumulator(2, 3)
+    TaskSignatures.accumulate(acc, torch.ones(2, 3), torch.tensor([0, 0]))
+    with pytest.raises(ValueError):  # class 1 has no image
+        sig.add_task(acc)
