@@ -44,14 +44,8 @@ def test_orthogonal_directions_empty_memory_are_top_eigenvectors():
     assert mem.orthogonal_directions(G, rank=4).shape == (3, 4)
 
 
-ROUND_OFF_BUG = (
-    "memory.py judges 'numerically zero' eigenvalues relative to the top eigenvalue of the PROJECTED "
-    "matrix, so when the projection leaves only round-off (~1e-15) those noise directions are kept; "
-    "fix: tolerance REL_EIG_TOL * trace(G) (the task's own scale). Remove this marker once fixed."
-)
 
 
-@pytest.mark.xfail(strict=True, reason=ROUND_OFF_BUG)
 def test_orthogonal_directions_when_memory_spans_the_task():
     # docstring: "zero [rows] when the memory already spans all of the task's input energy"
     G = gram_of(30, rank=4, seed=3)
@@ -60,7 +54,6 @@ def test_orthogonal_directions_when_memory_spans_the_task():
     assert mem.orthogonal_directions(G, rank=5).shape == (0, D)
 
 
-@pytest.mark.xfail(strict=True, reason=ROUND_OFF_BUG)
 def test_orthogonal_directions_of_a_full_memory_are_empty():
     # m = d: no direction is orthogonal to M, so A_o must be empty; today it returns rows with
     # |A_o M| ~ 0.8, which breaks "A_o is orthogonal to M" and the stability of old tasks.
@@ -70,7 +63,6 @@ def test_orthogonal_directions_of_a_full_memory_are_empty():
     assert A.shape[0] == 0 or float((A @ mem.basis).abs().max()) < 1e-10
 
 
-@pytest.mark.xfail(strict=True, reason=ROUND_OFF_BUG)
 def test_inside_directions_empty_when_task_is_orthogonal_to_memory():
     Q = torch.linalg.qr(torch.randn(6, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)).Q
     mem = SubspaceMemory(6)
@@ -143,12 +135,6 @@ def spread_gram(k: int, dim: int = D, decades: float = 9.0, seed: int = 0) -> to
     return (U * lam) @ U.T
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "REL_EIG_TOL = 1e-7 treats eigenvalues below 1e-7 x the top one as zero, but such a direction has "
-    "a relative amplitude of sqrt(1e-7) ~ 3e-4: real data directions (a rank-68 token Gram of the tiny "
-    "ViT has eigenvalues down to 3e-9 x top before a gap to 1e-16) are dropped, so eps = 1 leaves "
-    "~1e-7 of the energy outside M and old-task outputs move by ~1e-4 relative. Fix: REL_EIG_TOL = 1e-12 "
-    "and ENERGY_SLACK = 1e-12 (float64 round-off is ~1e-16 x top). Remove this marker once fixed."))
 def test_eps_one_keeps_weak_but_real_directions():
     G = spread_gram(6)  # eigenvalues 1, 1.6e-2, ..., 1e-9: rank 6, far above float64 round-off
     mem = SubspaceMemory(D)

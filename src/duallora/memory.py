@@ -23,10 +23,10 @@ from typing import Optional
 
 import torch
 
-#: Eigenvalues below this share of the largest one are numerically zero (no direction to add).
-REL_EIG_TOL = 1e-7
+#: Eigenvalues below this share of tr(G) (the task's own energy) are numerically zero.
+REL_EIG_TOL = 1e-12
 #: Slack on the energy criterion, relative to the total energy (so eps = 1 terminates).
-ENERGY_SLACK = 1e-9
+ENERGY_SLACK = 1e-12
 
 
 def _eigh_desc(S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,9 +105,9 @@ class SubspaceMemory:
         Returns:
             float64 (r', d), r' <= rank, rows orthonormal and orthogonal to ``M``.
         """
+        tol = REL_EIG_TOL * float(torch.trace(G.to(torch.float64)))
         vals, vecs = _eigh_desc(self._project_out(G))
-        top = float(vals[0]) if vals.numel() else 0.0
-        keep = int((vals[:rank] > max(top, 0.0) * REL_EIG_TOL).sum()) if top > 0 else 0
+        keep = int((vals[:rank] > tol).sum()) if tol > 0 else 0
         A = vecs[:, :keep].T.contiguous()
         if self.size and keep:
             # remove round-off components along M (keeps A orthogonal to M to float64 precision)
@@ -127,10 +127,10 @@ class SubspaceMemory:
         """
         if self.size == 0:
             return torch.zeros(self.dim, 0, dtype=torch.float64)
+        tol = REL_EIG_TOL * float(torch.trace(G.to(torch.float64)))
         vals, vecs = _eigh_desc(self._project_in(G))
-        top = float(vals[0])
         cap = min(rank, self.size)
-        keep = int((vals[:cap] > max(top, 0.0) * REL_EIG_TOL).sum()) if top > 0 else 0
+        keep = int((vals[:cap] > tol).sum()) if tol > 0 else 0
         return vecs[:, :keep].contiguous()
 
     def grow(self, G: torch.Tensor, threshold: float) -> int:
@@ -158,8 +158,7 @@ class SubspaceMemory:
             return 0
         vals, vecs = _eigh_desc(self._project_out(G))
         vals = vals.clamp_min(0.0)
-        top = float(vals[0])
-        usable = int((vals > top * REL_EIG_TOL).sum()) if top > 0 else 0
+        usable = int((vals > REL_EIG_TOL * total).sum())
         usable = min(usable, self.dim - self.size)
         cum = covered + torch.cumsum(vals[:usable], 0)
         reached = torch.nonzero(cum >= target).flatten()
