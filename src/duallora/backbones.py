@@ -131,6 +131,8 @@ def _load_state_file(path: Path) -> dict[str, torch.Tensor]:
 
 def _create_shipped(weights: Optional[str]) -> tuple[nn.Module, BackboneInfo]:
     path = Path(weights) if weights else SHIPPED_WEIGHTS
+    if weights and not path.is_file():
+        raise BackboneError(f"weights file {weights!r} does not exist; pass an existing .safetensors/.pth file")
     if not path.is_file():
         raise BackboneError(
             f"the shipped backbone weights {str(path)!r} are missing; regenerate them with "

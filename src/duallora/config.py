@@ -58,11 +58,12 @@ class MethodConfig:
     energy_threshold_start: float = 0.95  #: eps_1 of the GPM energy criterion
     energy_threshold_end: float = 0.99  #: eps_T; eps_t rises linearly in between
     stat_tokens: str = "all"  #: all | cls: tokens that feed the memory's Gram matrices
-    gate: str = "soft"  #: soft | hard | shared: dynamic-memory gate type
-    gate_layer: int = 0  #: for gate=shared: adapted layer (index, negative from the end) whose gate later layers reuse
+    gate: str = "shared"  #: shared | soft | hard: dynamic-memory gate type
+    gate_layer: int = 2  #: gate=shared: gate from the mean tokens entering blocks 0..gate_layer; residual adapters in blocks >= gate_layer
+    task_id_features: str = "auto"  #: auto | gate | final: task posterior used for calibration (auto: gate when gate=shared, else final)
     task_id_score: str = "mahalanobis"  #: mahalanobis | cosine | subspace
     subspace_dims: int = 32  #: q, directions per task for task_id_score=subspace
-    tau_id: float = 1.0  #: temperature of the task posterior (on distances per dimension)
+    tau_id: float = 0.02  #: temperature of the task posterior (on squared distances per dimension)
     ridge: float = 1e-4  #: ridge added to the pooled covariance, relative to its mean eigenvalue
     calibration: str = "product"  #: none | product | hard
     confidence_threshold: float = 0.9  #: gamma for calibration=hard
@@ -100,7 +101,8 @@ class RunConfig:
 CHOICES: dict[str, tuple[str, ...]] = {
     "method.name": ("duallora", "frozen", "seq-lora"),
     "method.stat_tokens": ("all", "cls"),
-    "method.gate": ("soft", "hard", "shared"),
+    "method.gate": ("shared", "soft", "hard"),
+    "method.task_id_features": ("auto", "gate", "final"),
     "method.task_id_score": ("mahalanobis", "cosine", "subspace"),
     "method.calibration": ("none", "product", "hard"),
     "train.optimizer": ("adam", "adamw", "sgd"),
@@ -157,6 +159,8 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise ConfigError(f"{key}={value} must be a positive integer")
     if cfg.train.lr <= 0 or (cfg.train.head_lr is not None and cfg.train.head_lr <= 0):
         raise ConfigError("train.lr and train.head_lr must be > 0")
+    if cfg.method.task_id_features == "gate" and cfg.method.gate != "shared":
+        raise ConfigError("method.task_id_features=gate needs method.gate=shared; use task_id_features=final or auto")
     if cfg.method.tau_id <= 0:
         raise ConfigError(f"method.tau_id={cfg.method.tau_id} must be > 0")
     for key in ("energy_threshold_start", "energy_threshold_end"):

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from duallora.config import MethodConfig
+from duallora.errors import ConfigError
 from duallora.memory import GramAccumulator, SubspaceMemory, energy_threshold
 from duallora.model import AdaptedViT
 from duallora.signatures import TaskSignatures
@@ -191,36 +192,77 @@ class DualLoRA(ContinualMethod):
     4. head_t, ``B_o``, ``B_t`` trained with cross-entropy over C_t, gate of task t = 1, others 0;
     5. merge ``W <- W + B_o A_o``, freeze ``B_t`` and head_t;
     6. statistics pass with the updated model, grow ``M`` to energy threshold eps_t;
-    7. class means and pooled within-class scatter per gate layer (mean token entering the layer)
-       and for the final features (:class:`~duallora.signatures.TaskSignatures`).
+    7. class means and pooled within-class scatter at the gate site(s) (mean token entering the
+       layer) and, for ``task_id_features="final"``, of the final features
+       (:class:`~duallora.signatures.TaskSignatures`).
 
-    At inference every adapted layer gates task j's residual adapter per image with
-    ``g_j = p(j | x)`` from its own statistics; the output is calibrated with the final-feature task
-    posterior: ``p(y | x) = p(task(y) | x) * softmax_{task(y)}(logits)`` (``calibration="product"``).
+    Gates (``gate``):
+
+    * ``shared`` (default): one posterior ``p(j | x)`` per image, computed at the first adapted layer
+      of block ``gate_layer`` from features that no residual adapter has touched; residual adapters
+      sit only in blocks ``>= gate_layer`` and all use it. Its features are the mean tokens entering
+      the first adapted layer of each block ``0..gate_layer``, concatenated. Measured on the default benchmark, this
+      avoids the self-reinforcing errors of per-layer gates (docs/method.md, "Measured decisions").
+    * ``soft`` / ``hard``: every adapted layer computes its own posterior (or its argmax) from its
+      own statistics, residual adapters in every block (method.md's literal reading).
+
+    The output is calibrated with a task posterior (``task_id_features``: ``gate`` = the shared
+    gate's posterior, ``final`` = final-feature statistics gathered under the inference gating):
+    ``p(y | x) = p(task(y) | x) * softmax_{task(y)}(logits)`` (``calibration="product"``).
+
+    Raises:
+        ConfigError: ``gate_layer`` outside the backbone's blocks.
     """
 
     name = "duallora"
 
     def __init__(self, model: AdaptedViT, cfg: MethodConfig, seed: int = 0) -> None:
         super().__init__(model, cfg, seed)
-        self.memories = {name: SubspaceMemory(layer.in_features) for name, layer in model.adapted_layers()}
+        names = [n for n, _ in model.adapted_layers()]
+        depth = len(getattr(model.backbone, "blocks"))
+        self.block_of = {n: int(n.split(".")[1]) for n in names}
+        self.memories = {n: SubspaceMemory(layer.in_features) for n, layer in model.adapted_layers()}
         kw = dict(score=cfg.task_id_score, tau=cfg.tau_id, ridge=cfg.ridge, subspace_dims=cfg.subspace_dims)
-        self.signatures: dict[str, TaskSignatures] = {"final": TaskSignatures(model.embed_dim, **kw)}
-        if cfg.use_residual:
-            for name, layer in model.adapted_layers():
-                self.signatures[name] = TaskSignatures(layer.in_features, **kw)
+        layers = dict(model.adapted_layers())
+        if cfg.gate == "shared":
+            gate_block = cfg.gate_layer if cfg.gate_layer >= 0 else depth + cfg.gate_layer
+            if not 0 <= gate_block < depth:
+                raise ConfigError(f"method.gate_layer={cfg.gate_layer} is outside the backbone's {depth} blocks")
+            # the gate reads the mean token entering the first adapted layer of blocks 0..gate_block
+            self.gate_inputs = [next(n for n in names if self.block_of[n] == b) for b in range(gate_block + 1)]
+            self.gate_site: Optional[str] = self.gate_inputs[-1]
+            self.residual_sites = [n for n in names if self.block_of[n] >= gate_block]
+            gate_dim = sum(layers[n].in_features for n in self.gate_inputs)
+            self.signatures: dict[str, TaskSignatures] = {"gate": TaskSignatures(gate_dim, **kw)}
+        else:
+            self.gate_inputs = []
+            self.gate_site = None
+            self.residual_sites = names
+            gate_sites = names if cfg.use_residual else []
+            self.signatures = {n: TaskSignatures(layers[n].in_features, **kw) for n in gate_sites}
+        self.task_id_features = cfg.task_id_features
+        if self.task_id_features == "auto":
+            self.task_id_features = "gate" if cfg.gate == "shared" else "final"
+        if self.task_id_features == "final":
+            self.signatures["final"] = TaskSignatures(model.embed_dim, **kw)
         self.last_info: dict = {}
-        self._shared_gate: Optional[torch.Tensor] = None
+        self._shared: Optional[torch.Tensor] = None
 
     # statistics ----------------------------------------------------------------------
     @torch.no_grad()
-    def _statistics_pass(self, ctx: TaskContext, grams: bool, signatures: bool, desc: str):
+    def _statistics_pass(self, ctx: TaskContext, grams: bool, sites: list[str], desc: str,
+                         dynamic: bool = False):
+        """One pass over the task's data: Gram matrices per adapted layer and/or class statistics.
+
+        ``sites`` names the signature sites to accumulate (adapted layer names and/or ``final``);
+        ``dynamic`` runs with the inference gating instead of the fixed gates.
+        """
         layers = dict(self.model.adapted_layers())
         G = {n: GramAccumulator(l.in_features, self.cfg.stat_tokens) for n, l in layers.items()} if grams else {}
-        acc = {}
-        if signatures:
-            acc = {s: TaskSignatures.new_accumulator(ctx.num_classes, sig.dim) for s, sig in self.signatures.items()}
+        acc = {s: TaskSignatures.new_accumulator(ctx.num_classes, self.signatures[s].dim) for s in sites}
         current: dict[str, torch.Tensor] = {}
+        gate_parts: dict[str, torch.Tensor] = {}
+        want_gate = "gate" in acc
 
         def make_recorder(name: str):
             def record(h: torch.Tensor) -> None:
@@ -228,16 +270,23 @@ class DualLoRA(ContinualMethod):
                     G[name].update(h)
                 if name in acc:
                     TaskSignatures.accumulate(acc[name], h.mean(dim=1), current["y"])
+                if want_gate and name in self.gate_inputs:
+                    gate_parts[name] = h.mean(dim=1)
             return record
 
         for name, layer in layers.items():
-            layer.recorder = make_recorder(name)
+            if name in G or name in acc or (want_gate and name in self.gate_inputs):
+                layer.recorder = make_recorder(name)
         try:
             for x, y in ctx.progress(ctx.stats_loader, desc):
                 current["y"] = y
-                feats = self.model.features(x.to(ctx.device, non_blocking=True))
-                if signatures:
+                x = x.to(ctx.device, non_blocking=True)
+                feats = self._dynamic_features(x) if dynamic else self.model.features(x)
+                if "final" in acc:
                     TaskSignatures.accumulate(acc["final"], feats, y)
+                if want_gate:
+                    z = torch.cat([gate_parts[n] for n in self.gate_inputs], dim=1)
+                    TaskSignatures.accumulate(acc["gate"], z, y)
         finally:
             for layer in layers.values():
                 layer.recorder = None
@@ -250,14 +299,14 @@ class DualLoRA(ContinualMethod):
         self.model.set_fixed_gates(t)
         need_residual = cfg.use_residual and t > 0
         if cfg.use_orthogonal or need_residual:
-            grams, _ = self._statistics_pass(ctx, grams=True, signatures=False, desc=f"task {t + 1} statistics")
+            grams, _ = self._statistics_pass(ctx, grams=True, sites=[], desc=f"task {t + 1} statistics")
             for name, layer in self.model.adapted_layers():
                 mem = self.memories[name]
                 if cfg.use_orthogonal:
                     A = mem.orthogonal_directions(grams[name], cfg.rank_orthogonal)
                     layer.add_orthogonal(A.float())
                     info["orthogonal_rank"][name] = int(A.shape[0])
-                if need_residual:
+                if need_residual and name in self.residual_sites:
                     P = mem.inside_directions(grams[name], cfg.rank_residual)
                     if P.shape[1] > 0:
                         layer.add_residual(t, P.float())
@@ -282,7 +331,8 @@ class DualLoRA(ContinualMethod):
             layer.freeze_residuals()
         super().end_task(ctx)
         self.model.set_fixed_gates(t)
-        grams, acc = self._statistics_pass(ctx, grams=True, signatures=True, desc=f"task {t + 1} memory")
+        layer_sites = [s for s in self.signatures if s != "final"]
+        grams, acc = self._statistics_pass(ctx, grams=True, sites=layer_sites, desc=f"task {t + 1} memory")
         eps = energy_threshold(t, ctx.num_tasks, self.cfg.energy_threshold_start, self.cfg.energy_threshold_end)
         info = {"energy_threshold": eps, "memory_added": {}, "memory_size": {}}
         for name in self.memories:
@@ -291,43 +341,78 @@ class DualLoRA(ContinualMethod):
         for site, a in acc.items():
             self.signatures[site].add_task(a)
         self.model.set_fixed_gates(None)
+        if "final" in self.signatures:
+            # final-feature statistics under the gating used at inference (task t's own gate
+            # statistics are in place now), so that they describe what inference will see
+            _, acc = self._statistics_pass(ctx, grams=False, sites=["final"], desc=f"task {t + 1} signatures",
+                                           dynamic=True)
+            self.signatures["final"].add_task(acc["final"])
         self.last_info = info
         return info
 
     # inference -----------------------------------------------------------------------
-    def _gate_fn(self, name: str, index: int, layer_tasks: list[int]):
-        sig = self.signatures[name]
+    def _gate_fn(self, name: str, layer_tasks: list[int]):
         cfg = self.cfg
-        shared_at = cfg.gate_layer if cfg.gate_layer >= 0 else len(self.memories) + cfg.gate_layer
 
         def gate(h: torch.Tensor) -> torch.Tensor:
-            if cfg.gate == "shared" and index > shared_at and self._shared_gate is not None:
-                post = self._shared_gate
+            if cfg.gate == "shared":
+                post = self._shared  # set by the gate site's recorder (see _dynamic_features)
+                if post is None:
+                    raise RuntimeError(f"{name} runs before the gate site {self.gate_site}")
             else:
-                post = sig.task_posterior(h.mean(dim=1))
+                post = self.signatures[name].task_posterior(h.mean(dim=1))
                 if cfg.gate == "hard":
                     post = torch.nn.functional.one_hot(post.argmax(1), post.shape[1]).to(post.dtype)
-                if cfg.gate == "shared" and index == shared_at:
-                    self._shared_gate = post
-            return post[:, layer_tasks]
+            n_known = post.shape[1]
+            # a task whose statistics are not in yet (during its own end_task pass) has gate 0
+            cols = [post[:, j] if j < n_known else torch.zeros_like(post[:, 0]) for j in layer_tasks]
+            return torch.stack(cols, dim=1)
 
         return gate
 
-    @torch.no_grad()
-    def infer(self, x: torch.Tensor) -> Inference:
+    def _dynamic_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Final features (B, D) with every residual adapter gated per image (inference mode)."""
         self.model.set_fixed_gates(None)
-        for i, (name, layer) in enumerate(self.model.adapted_layers()):
-            layer.gate_fn = self._gate_fn(name, i, list(layer.res_tasks)) if layer.res_tasks else None
-        self._shared_gate = None
+        inputs = [self.model.adapted[n] for n in self.gate_inputs]
+        previous = [layer.recorder for layer in inputs]
+        parts: list[torch.Tensor] = []
+        if inputs:
+            sig = self.signatures["gate"]
+
+            def make_gate_recorder(i: int):
+                def record(h: torch.Tensor) -> None:
+                    # mean tokens entering blocks 0..gate_layer, before any residual adapter acts
+                    if previous[i] is not None:
+                        previous[i](h)
+                    parts.append(h.mean(dim=1))
+                    if i == len(inputs) - 1:
+                        self._shared = sig.task_posterior(torch.cat(parts, dim=1))
+                return record
+
+            for i, layer in enumerate(inputs):
+                layer.recorder = make_gate_recorder(i)
+        for name, layer in self.model.adapted_layers():
+            layer.gate_fn = self._gate_fn(name, list(layer.res_tasks)) if layer.res_tasks else None
+        self._shared = None
         try:
-            feats = self.model.features(x)
+            return self.model.features(x)
         finally:
             for _, layer in self.model.adapted_layers():
                 layer.gate_fn = None
-            self._shared_gate = None
+            for layer, rec in zip(inputs, previous):
+                layer.recorder = rec
+
+    @torch.no_grad()
+    def infer(self, x: torch.Tensor) -> Inference:
+        feats = self._dynamic_features(x)
+        if self.task_id_features == "gate":
+            posterior = self._shared
+            assert posterior is not None
+        else:
+            posterior = self.signatures["final"].task_posterior(feats)
+        self._shared = None
         logits = self.model.head_logits(feats)
         sizes = self.model.head_sizes
-        posterior = self.signatures["final"].task_posterior(feats)
         return Inference(calibrate(logits, posterior, sizes, self.cfg.calibration, self.cfg.confidence_threshold),
                          posterior)
 

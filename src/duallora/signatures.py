@@ -105,9 +105,18 @@ class TaskSignatures:
         if self.score == "mahalanobis":
             dof = max(self.count - self.means.shape[0], 1)
             cov = self.scatter / dof
-            ridge = self.ridge * float(torch.trace(cov)) / self.dim + 1e-12
+            cov = 0.5 * (cov + cov.T)
+            mean_eig = float(torch.trace(cov)) / self.dim
+            # the ridge keeps the matrix invertible; a floor covers a degenerate site (e.g. a class
+            # token that is the same for every image) whose covariance is all zero
+            ridge = self.ridge * mean_eig if mean_eig > 0 else 0.0
+            ridge = max(ridge, 1e-10 * max(mean_eig, 1.0))
             cov = cov + ridge * torch.eye(self.dim, dtype=torch.float64)
-            L = torch.linalg.cholesky(cov)
+            L, info = torch.linalg.cholesky_ex(cov)
+            if int(info) != 0:  # round-off made it indefinite: clamp the spectrum instead
+                vals, vecs = torch.linalg.eigh(cov)
+                cov = (vecs * vals.clamp_min(ridge)) @ vecs.T
+                L = torch.linalg.cholesky(0.5 * (cov + cov.T))
             Linv = torch.linalg.solve_triangular(L, torch.eye(self.dim, dtype=torch.float64), upper=False)
             cache["white"] = Linv.T.to(device=device, dtype=dtype).contiguous()  # z @ white = L^{-1} z
             cache["means"] = (self.means @ Linv.T).to(device=device, dtype=dtype)
