@@ -235,7 +235,7 @@ def test_finished_task_parameters_never_change():
 
 
 # ---------------------------------------------------------------------- batch independence
-@pytest.mark.parametrize("gate", ["soft", "hard"])
+@pytest.mark.parametrize("gate", ["shared", "soft", "hard"])
 def test_predictions_do_not_depend_on_the_batch(gate):
     learner = make_learner([f"method.gate={gate}"])
     for t, classes in enumerate(TASKS[:2]):
