@@ -92,13 +92,18 @@ class ContinualMethod(nn.Module):
         super().__init__()
         self.model = model
         self.cfg = cfg
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
         self.tasks_learned = 0
+
+    def task_generator(self, task: int, stream: int = 0) -> torch.Generator:
+        """A generator seeded by (seed, task, stream): initialisations of task t do not depend on
+        what ran before, so a run resumed at task t initialises exactly like an uninterrupted one."""
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + task * 101 + stream)
 
     # hooks -------------------------------------------------------------------------
     def begin_task(self, ctx: TaskContext) -> dict:
         """Prepare task ``ctx.task``: add its head. Returns facts worth logging."""
-        self.model.add_head(ctx.num_classes, self.generator)
+        self.model.add_head(ctx.num_classes, self.task_generator(ctx.task))
         return {}
 
     def param_groups(self, task: int) -> dict[str, list[nn.Parameter]]:
@@ -168,9 +173,10 @@ class SeqLoRA(ContinualMethod):
 
     def begin_task(self, ctx: TaskContext) -> dict:
         if ctx.task == 0 or self.model.adapted and next(iter(self.model.adapted.values())).lora_A is None:
+            gen = self.task_generator(ctx.task, stream=1)
             for _, layer in self.model.adapted_layers():
                 if layer.lora_A is None:
-                    layer.add_lora(self.cfg.rank_orthogonal, self.generator)
+                    layer.add_lora(self.cfg.rank_orthogonal, gen)
         return super().begin_task(ctx)
 
     def param_groups(self, task: int) -> dict[str, list[nn.Parameter]]:
