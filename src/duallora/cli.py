@@ -58,6 +58,9 @@ def run(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run folder (default: runs/<method>-<dataset>-...-<time>)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder (only once this run succeeds)."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
+    resume: Optional[Path] = typer.Option(
+        None, "--resume", help="Continue the interrupted run in this folder after its last finished task "
+        "(its own config is used; a --config/overrides that differ from it are refused)."),
 ) -> None:
     """Learn tasks one after another and evaluate after each without task labels.
 
@@ -67,14 +70,22 @@ def run(
     """
     from duallora.config import load_config, to_yaml
 
-    cfg = load_config(config, overrides or [])
+    from duallora.errors import ConfigError
+
+    given = config is not None or bool(overrides)
+    cfg = load_config(config, overrides or []) if (given or resume is None) else None
     if print_config:
-        typer.echo(to_yaml(cfg))
+        typer.echo(to_yaml(cfg if cfg is not None else load_config(None)))
         return
     from duallora.reporting import format_metrics_table
     from duallora.runner import run_experiment
 
-    metrics = run_experiment(cfg, output, overwrite=overwrite, echo=typer.echo)
+    if resume is not None:
+        if output is not None and Path(output) != Path(resume):
+            raise ConfigError("--resume DIR continues DIR; do not pass a different --output")
+        metrics = run_experiment(cfg, resume, resume=True, echo=typer.echo)
+    else:
+        metrics = run_experiment(cfg, output, overwrite=overwrite, echo=typer.echo)
     typer.echo(format_metrics_table(metrics))
     typer.echo(f"outputs written to {metrics['output']}")
 

@@ -25,7 +25,7 @@ DEFAULT_BACKBONE = "vit_tiny_patch7_28.duallora_mnist"
 class DataConfig:
     """Which data and how it is cut into tasks (class-incremental)."""
 
-    dataset: str = "fashion-mnist"  #: mnist | fashion-mnist | imagefolder
+    dataset: str = "fashion-mnist"  #: mnist | fashion-mnist | imagefolder | cifar100 | imagenet-r | imagenet-a | domainnet | cub200
     root: Optional[str] = None  #: local data folder; None = the dataset's default local files
     num_tasks: Optional[int] = 5  #: number of tasks (classes split evenly)
     classes_per_task: Optional[int] = None  #: alternative to num_tasks
@@ -35,6 +35,12 @@ class DataConfig:
     test_per_class: Optional[int] = None  #: cap on test images per class (seeded)
     test_fraction: float = 0.2  #: imagefolder without train/test folders: held-out share per class
     num_workers: int = 0  #: DataLoader worker processes
+    split_train: Any = None  #: imagenet-r | imagenet-a | domainnet: split list file(s) of the training images (str or list; YAML data/targets or "path label" lines)
+    split_test: Any = None  #: the test images' split list file(s); give both or neither
+    split_sha256: Any = None  #: expected sha256 of each split file read (str or list, in the record's split.files order); mismatch = error
+    augment: bool = False  #: training augmentation: random resized crop + horizontal flip (train split only; output stays uint8)
+    crop_pct: Optional[float] = None  #: benchmarks: evaluation centre-crop fraction; None = the backbone's timm config (1.0 for the shipped one)
+
 
 
 @dataclass
@@ -181,8 +187,60 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise ConfigError(f"data.{key}={value} must be >= 1 (or null for all images)")
     if not 0.0 < cfg.data.test_fraction < 1.0:
         raise ConfigError(f"data.test_fraction={cfg.data.test_fraction} must lie in (0, 1)")
+    validate_data_split(cfg)
     check_method_keys(cfg)
     return cfg
+
+
+def _str_list(key: str, value: Any) -> list[str]:
+    """None, a string or a list of strings -> list of strings (ConfigError otherwise)."""
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) and v for v in items):
+        raise ConfigError(
+            f"data.{key}={value!r} must be a file path or a list of them (quote values that look like numbers)"
+        )
+    return list(items)
+
+
+def validate_data_split(cfg: RunConfig) -> None:
+    """Check the benchmark keys: split lists, their sha256, crop_pct.
+
+    Raises:
+        ConfigError: a malformed value, or a key the chosen dataset does not use.
+    """
+    import re
+
+    from duallora.data.benchmarks import BENCHMARK_DATASETS, SPLIT_FILE_DATASETS
+
+    d = cfg.data
+    train = _str_list("split_train", d.split_train)
+    test = _str_list("split_test", d.split_test)
+    hashes = _str_list("split_sha256", d.split_sha256)
+    if (train or test) and d.dataset not in SPLIT_FILE_DATASETS:
+        raise ConfigError(
+            f"data.split_train/split_test are set but data.dataset={d.dataset!r} does not use split lists "
+            f"(only {', '.join(SPLIT_FILE_DATASETS)}); remove them"
+        )
+    if bool(train) != bool(test):
+        raise ConfigError("give both data.split_train and data.split_test, or neither")
+    if hashes and d.dataset not in BENCHMARK_DATASETS:
+        raise ConfigError(
+            f"data.split_sha256 is set but data.dataset={d.dataset!r} reads no split files "
+            f"(only {', '.join(BENCHMARK_DATASETS)}); remove it"
+        )
+    for h in hashes:
+        if not re.fullmatch(r"[0-9a-fA-F]{64}", h):
+            raise ConfigError(f"data.split_sha256 entry {h!r} is not a sha256 (64 hex digits)")
+    if d.crop_pct is not None:
+        if d.dataset not in BENCHMARK_DATASETS:
+            raise ConfigError(
+                f"data.crop_pct is set but data.dataset={d.dataset!r} resizes without cropping "
+                f"(crop_pct is for {', '.join(BENCHMARK_DATASETS)}); remove it"
+            )
+        if not 0.0 < d.crop_pct <= 1.0:
+            raise ConfigError(f"data.crop_pct={d.crop_pct} must lie in (0, 1]")
 
 
 def check_method_keys(cfg: RunConfig) -> None:

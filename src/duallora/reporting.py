@@ -347,22 +347,34 @@ class RunDirectory:
     Args:
         final: the output folder the run publishes to.
         overwrite: allow replacing an existing non-empty ``final`` at commit.
+        resume: reopen the staging folder of an interrupted run instead of starting a fresh one.
 
     Raises:
         CheckpointError: ``final`` exists and is not a directory, or exists and is non-empty while
             ``overwrite`` is False.
     """
 
-    def __init__(self, final: PathLike, *, overwrite: bool = False) -> None:
+    def __init__(self, final: PathLike, *, overwrite: bool = False, resume: bool = False) -> None:
         self.final = Path(final)
         if self.final.name in ("", ".", ".."):
             raise CheckpointError(f"output {str(final)!r} must name a folder, e.g. runs/my-run")
         self.overwrite = bool(overwrite)
-        self._check_final()
         self.path = self.final.with_name(self.final.name + ".partial")
+        self._committed = False
+        if resume:
+            # continue an interrupted run: keep its staging folder as it is
+            if not self.path.is_dir():
+                if self.final.is_dir() and (self.final / "metrics.json").is_file():
+                    raise CheckpointError(f"run {self.final} already finished; there is nothing to resume")
+                raise CheckpointError(
+                    f"no interrupted run to resume at {self.final} (looked for {self.path}); "
+                    "start it with `duallora run --output DIR`"
+                )
+            self.overwrite = True  # the interrupted run was allowed to start, so it may publish
+            return
+        self._check_final()
         _remove(self.path)
         self.path.mkdir(parents=True)
-        self._committed = False
 
     def _check_final(self) -> None:
         final = self.final

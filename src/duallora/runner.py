@@ -36,7 +36,7 @@ from duallora.reporting import (
     write_json_atomic,
     write_text_atomic,
 )
-from duallora.training import ContinualLearner
+from duallora.training import ContinualLearner, make_progress
 
 Echo = Callable[[str], None]
 
@@ -54,9 +54,15 @@ def build_scenario(cfg: RunConfig, info: BackboneInfo) -> ClassIncrementalScenar
     Raises:
         DataError: unknown dataset, missing data, or classes that cannot be split as asked.
     """
+    from duallora.data.transforms import resolve_transform_config
+
     d = cfg.data
     channels, height, width = info.input_size
-    kw = dict(root=d.root, image_size=(height, width), channels=channels, seed=cfg.seed, test_fraction=d.test_fraction)
+    transform = resolve_transform_config(cfg.backbone.name, info.input_size, crop_pct=d.crop_pct,
+                                         mean=info.mean, std=info.std)
+    kw = dict(root=d.root, image_size=(height, width), channels=channels, seed=cfg.seed, test_fraction=d.test_fraction,
+              split_train=d.split_train, split_test=d.split_test, split_sha256=d.split_sha256,
+              transform=transform, augment=d.augment)
     train = load_dataset(d.dataset, "train", **kw)
     test = load_dataset(d.dataset, "test", **kw)
     return ClassIncrementalScenario(
@@ -73,42 +79,100 @@ def _environment() -> dict[str, str]:
             "python": platform.python_version(), "machine": platform.machine()}
 
 
-def run_experiment(cfg: RunConfig, output: Optional[Path] = None, *, overwrite: bool = False,
-                   echo: Echo = print) -> dict[str, Any]:
+#: Config keys that do not change a run's results; a resumed run may differ in them.
+RESUME_IGNORED_KEYS = {("train", "progress"), ("data", "num_workers"), ("train", "threads")}
+
+
+def _config_differences(a: RunConfig, b: RunConfig) -> list[str]:
+    da, db = config_mod.to_dict(a), config_mod.to_dict(b)
+    out = []
+    for section in sorted(set(da) | set(db)):
+        va, vb = da.get(section), db.get(section)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            for key in sorted(set(va) | set(vb)):
+                if (section, key) not in RESUME_IGNORED_KEYS and va.get(key) != vb.get(key):
+                    out.append(f"{section}.{key}: run has {vb.get(key)!r}, given {va.get(key)!r}")
+        elif va != vb:
+            out.append(f"{section}: run has {vb!r}, given {va!r}")
+    return out
+
+
+def run_experiment(cfg: Optional[RunConfig], output: Optional[Path] = None, *, overwrite: bool = False,
+                   resume: bool = False, echo: Echo = print) -> dict[str, Any]:
     """Learn every task of the configured scenario and write the run folder.
 
     Args:
-        cfg: a validated run config.
+        cfg: a validated run config; with ``resume`` it may be None (use the interrupted run's own).
         output: the run folder; None = :func:`default_output`.
         overwrite: replace an existing non-empty folder (only once this run succeeds).
+        resume: continue the interrupted run at ``output`` (its ``<output>.partial`` folder) after
+            its last finished task; the result equals an uninterrupted run of the same seed.
         echo: where progress lines go.
 
     Returns:
         the metrics dict written to ``metrics.json``.
 
     Raises:
-        DualLoRAError subclasses for bad config, data, backbone, diverged training or an existing
-        output folder; the earlier content of ``output`` is left untouched in every case.
+        DualLoRAError subclasses for bad config, data, backbone, diverged training, an existing
+        output folder, or (resume) no interrupted run / a config that differs from the run's;
+        the earlier content of ``output`` is left untouched in every case.
     """
     wall_start = time.perf_counter()
+    if resume:
+        if output is None:
+            raise CheckpointError("--resume needs the run folder: duallora run --resume DIR")
+        rundir = RunDirectory(Path(output), resume=True)
+        stored_path = rundir.path / "config.yaml"
+        if not stored_path.is_file():
+            raise CheckpointError(f"{rundir.path} has no config.yaml; it was not started by `duallora run`")
+        stored = config_mod.load_config(stored_path)
+        if cfg is None:
+            cfg = stored
+        else:
+            diff = _config_differences(cfg, stored)
+            if diff:
+                raise CheckpointError(
+                    f"the config given differs from the interrupted run's ({'; '.join(diff)}); "
+                    f"resume without --config/overrides to use the run's own config"
+                )
+    assert cfg is not None
     output = Path(output) if output is not None else default_output(cfg)
     model, info = create_backbone(cfg.backbone.name, cfg.backbone.weights)
     scenario = build_scenario(cfg, info)
-    rundir = RunDirectory(output, overwrite=overwrite)
+    if not resume:
+        rundir = RunDirectory(output, overwrite=overwrite)
     stage = rundir.path
     echo(f"duallora {cfg.method.name}: {cfg.data.dataset}, {scenario.num_tasks} tasks, "
          f"backbone {info.name} (sha256 {info.sha256[:12]}), seed {cfg.seed}")
     echo(f"class order: {scenario.class_order}")
-    write_text_atomic(stage / "config.yaml", config_mod.to_yaml(cfg))
-    write_json_atomic(stage / "class_order.json", scenario.to_dict())
 
-    learner = ContinualLearner(cfg, num_tasks=scenario.num_tasks, backbone=(model, info))
     rows: list[list[float]] = []
     task_id_rows: list[float] = []
-    test_sizes = [len(scenario.test_dataset(t)) for t in range(scenario.num_tasks)]
     train_time = 0.0
     eval_time = 0.0
-    for task in scenario.tasks:
+    done = find_checkpoints(stage / "checkpoints") if resume and (stage / "checkpoints").is_dir() else []
+    if done and any((stage / "checkpoints").iterdir()):
+        last = done[-1]
+        learner = ContinualLearner.load(last, backbone=(model, info))
+        learner.cfg = cfg
+        learner.progress = make_progress(cfg.train.progress)
+        _, meta = ContinualLearner.read_checkpoint(last)
+        extra = meta.get("extra", {})
+        rows = [list(r) for r in extra.get("accuracy_rows", [])]
+        task_id_rows = list(extra.get("task_id_accuracy_rows", []))
+        train_time = float(extra.get("train_time_s", 0.0))
+        eval_time = float(extra.get("eval_time_s", 0.0))
+        expected = [list(t.classes) for t in scenario.tasks[: len(learner.task_classes)]]
+        if expected != [list(c) for c in learner.task_classes] or len(rows) != len(learner.task_classes):
+            raise CheckpointError(f"{last} does not match the scenario rebuilt from the run's config")
+        echo(f"resuming after task {len(learner.task_classes)} from {last}")
+    else:
+        write_text_atomic(stage / "config.yaml", config_mod.to_yaml(cfg))
+        write_json_atomic(stage / "class_order.json", scenario.to_dict())
+        learner = ContinualLearner(cfg, num_tasks=scenario.num_tasks, backbone=(model, info))
+    start_task = len(learner.task_classes)
+    test_sizes = [len(scenario.test_dataset(t)) for t in range(scenario.num_tasks)]
+    for task in scenario.tasks[start_task:]:
         t = task.index
         record = learner.learn_task(scenario.train_dataset(t), task.classes)
         train_time += record["task_time_s"]
@@ -119,7 +183,8 @@ def run_experiment(cfg: RunConfig, output: Optional[Path] = None, *, overwrite: 
         task_id_rows.append(ev["task_id_accuracy"])
         record["evaluation"] = ev
         learner.save(stage / "checkpoints" / f"task_{t + 1}.safetensors",
-                     extra={"accuracy_rows": rows, "task_id_accuracy_rows": task_id_rows})
+                     extra={"accuracy_rows": rows, "task_id_accuracy_rows": task_id_rows,
+                            "train_time_s": train_time, "eval_time_s": eval_time})
         seen = sum(c for c in ev["correct"]) / max(sum(ev["total"]), 1) * 100
         mem = record.get("memory_size")
         mem_txt = f", memory dims {min(mem.values())}-{max(mem.values())}" if mem else ""
@@ -136,6 +201,9 @@ def run_experiment(cfg: RunConfig, output: Optional[Path] = None, *, overwrite: 
         "test_images_per_task": test_sizes,
         "method": cfg.method.name,
         "dataset": cfg.data.dataset,
+        "data_root": cfg.data.root,
+        "data_record": scenario.record(),
+        "train_images_per_task": [len(scenario.train_dataset(t)) for t in range(scenario.num_tasks)],
         "class_order": scenario.class_order,
         "backbone": info.name,
         "backbone_sha256": info.sha256,
@@ -144,6 +212,7 @@ def run_experiment(cfg: RunConfig, output: Optional[Path] = None, *, overwrite: 
         "train_time_s": train_time,
         "eval_time_s": eval_time,
         "wall_time_s": time.perf_counter() - wall_start,
+        "resumed_after_task": start_task if resume else None,
         "device": str(learner.device),
         "environment": _environment(),
     })

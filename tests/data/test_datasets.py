@@ -215,7 +215,8 @@ def test_unknown_name_and_split():
         load_dataset("cifar10", "train")
     with pytest.raises(DataError, match="unknown split 'val'"):
         load_dataset("mnist", "val")
-    assert DATASETS == ("mnist", "fashion-mnist", "imagefolder")
+    assert DATASETS == ("mnist", "fashion-mnist", "imagefolder", "cifar100", "imagenet-r", "imagenet-a", "domainnet",
+                        "cub200")
 
 
 # ----------------------------------------------------------------------------------- real data

@@ -13,6 +13,8 @@ Data is read from local files first (offline by default):
   ``dataset-fashion-mnist``), else a torchvision download into ``~/.cache/duallora/data``.
 * ``imagefolder``: ``root`` with ``train/`` and ``test/`` folders of class folders, or directly one
   folder per class (then split per class with a seeded, stratified rule; see :func:`split_files`).
+* ``cifar100``, ``imagenet-r``, ``imagenet-a``, ``domainnet``, ``cub200``: the paper family's
+  benchmarks, see :mod:`duallora.data.benchmarks` (lazy, timm transforms, split records).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import importlib.util
 import math
 import random
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -30,7 +32,9 @@ import torch.nn.functional as F
 
 from duallora.errors import DataError
 
-DATASETS = ("mnist", "fashion-mnist", "imagefolder")
+#: The paper family's benchmarks (loaded by :mod:`duallora.data.benchmarks`).
+BENCHMARK_DATASETS = ("cifar100", "imagenet-r", "imagenet-a", "domainnet", "cub200")
+DATASETS = ("mnist", "fashion-mnist", "imagefolder") + BENCHMARK_DATASETS
 SPLITS = ("train", "test")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
@@ -531,6 +535,11 @@ def load_dataset(
     channels: int = 1,
     seed: int = 0,
     test_fraction: float = 0.2,
+    split_train: Any = None,
+    split_test: Any = None,
+    split_sha256: Any = None,
+    transform: Any = None,
+    augment: bool = False,
 ) -> ImageDataset:
     """Load one split of a dataset.
 
@@ -542,7 +551,14 @@ def load_dataset(
         image_size: ``(H, W)`` of the returned images.
         channels: 1 (grayscale) or 3 (RGB).
         seed: imagefolder without train/test folders: seed of the per-class split.
-        test_fraction: imagefolder without train/test folders: held-out share per class, in (0, 1).
+        test_fraction: imagefolder without train/test folders: held-out share per class, in (0, 1);
+            also imagenet-r/imagenet-a without split lists.
+        split_train, split_test, split_sha256: split lists and their hashes (benchmarks only, see
+            :func:`duallora.data.benchmarks.load_benchmark`).
+        transform: a :class:`~duallora.data.transforms.TransformConfig` (the backbone's interpolation and
+            crop); benchmarks only, None = bilinear resize at ``image_size``.
+        augment: training augmentation (random resized crop + flip) for the ``train`` split; the
+            benchmarks augment the full-resolution image, the other datasets their resized image.
 
     Returns:
         An :class:`ImageDataset` whose items are ``(uint8 (channels, H, W), int label)``.
@@ -557,8 +573,28 @@ def load_dataset(
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; choose 'train' or 'test'")
     size = _check_size(image_size, channels)
+    if key in ("imagefolder",) + BENCHMARK_DATASETS and not 0.0 < test_fraction < 1.0:
+        raise DataError(f"test_fraction={test_fraction} must lie in (0, 1)")
+    if key in BENCHMARK_DATASETS:
+        from duallora.data.benchmarks import load_benchmark
+
+        return load_benchmark(
+            key, split, root=root, image_size=size, channels=channels, seed=seed, test_fraction=test_fraction,
+            split_train=split_train, split_test=split_test, split_sha256=split_sha256, transform=transform,
+            augment=augment,
+        )
+    if split_train is not None or split_test is not None or split_sha256 is not None:
+        raise DataError(
+            f"{key}: split lists and their sha256 (data.split_train/split_test/split_sha256) are for "
+            f"{', '.join(BENCHMARK_DATASETS)}; remove them"
+        )
     if key == "imagefolder":
-        if not 0.0 < test_fraction < 1.0:
-            raise DataError(f"test_fraction={test_fraction} must lie in (0, 1)")
-        return _load_imagefolder(split, root, size, channels, seed, test_fraction)
-    return _load_idx_dataset(key, split, root, size, channels)
+        dataset: ImageDataset = _load_imagefolder(split, root, size, channels, seed, test_fraction)
+    else:
+        dataset = _load_idx_dataset(key, split, root, size, channels)
+    if augment and split == "train":
+        from duallora.data.transforms import AugmentedDataset, default_transform_config
+
+        tc = transform if transform is not None else default_transform_config(size, channels)
+        dataset = AugmentedDataset(dataset, tc)
+    return dataset

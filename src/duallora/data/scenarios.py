@@ -302,10 +302,13 @@ class ClassIncrementalScenario:
     # ---------------------------------------------------------------------------------- record
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-able description: dataset, seed, class order and names, sizes, per-task counts."""
+        """A JSON-able description: dataset, folder, split identity, seed, class order and names, sizes,
+        per-task counts."""
         names = self.train.classes
         return {
             "dataset": getattr(self.train, "name", None),
+            "root": getattr(self.train, "source", None),
+            "split": getattr(self.train, "split_info", None),
             "seed": self.seed,
             "num_classes": self.num_classes,
             "num_tasks": self.num_tasks,
@@ -326,6 +329,35 @@ class ClassIncrementalScenario:
                 }
                 for task in self.tasks
             ],
+        }
+
+    def record(self) -> dict[str, Any]:
+        """The data part of a run's reproducibility record (JSON-able).
+
+        Dataset name and folder, the split's identity (kind, name, split files with sha256, hashes of the
+        resolved image lists, counts; ``None`` for datasets without one), the transforms, class order,
+        and the images per task after caps.
+        """
+        train_counts = [len(ix) for ix in self._train_idx]
+        test_counts = [len(ix) for ix in self._test_idx]
+        return {
+            "dataset": getattr(self.train, "name", None),
+            "root": getattr(self.train, "source", None),
+            "split": getattr(self.train, "split_info", None),
+            "transform": {
+                "train": getattr(self.train, "transform_info", None),
+                "test": getattr(self.test, "transform_info", None),
+            },
+            "seed": self.seed,
+            "num_classes": self.num_classes,
+            "num_tasks": self.num_tasks,
+            "classes_per_task": self.classes_per_task,
+            "class_order": list(self.class_order),
+            "train_images_per_task": train_counts,
+            "test_images_per_task": test_counts,
+            "train_images": sum(train_counts),
+            "test_images": sum(test_counts),
+            "dataset_images": {"train": len(self.train), "test": len(self.test)},
         }
 
     def __repr__(self) -> str:
