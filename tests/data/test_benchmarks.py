@@ -219,6 +219,20 @@ def test_imagenet_r_coda_split_files_and_sha256(tmp_path):
         load_dataset("imagenet-r", "train", root=str(root), **SMALL, **kw)
 
 
+def test_imagenet_r_lae_text_lists(tmp_path):
+    """LAE's train_list.txt / val_list.txt (InfLoRA's ImageNet-R split): "imagenet-r/<wnid>/<file> <label>"."""
+    root = tmp_path / "imagenet-r"
+    wnids = make_wnid_folders(root, n_classes=3, per_class=4)
+    lists = {}
+    for split, keep in (("train", lambda i: i > 0), ("val", lambda i: i == 0)):
+        lists[split] = tmp_path / f"{split}_list.txt"
+        lists[split].write_text("".join(f"imagenet-r/{w}/art_{i}.png {c}\n" for c, w in enumerate(wnids)
+                                        for i in range(4) if keep(i)))
+    tr, te = load_pair("imagenet-r", root, split_train=str(lists["train"]), split_test=str(lists["val"]))
+    assert tr.classes == wnids and (len(tr), len(te)) == (9, 3) and te.targets.tolist() == [0, 1, 2]
+    assert tr.split_info["name"] == "split lists train_list.txt, val_list.txt"
+
+
 def test_imagenet_r_presplit_folders(tmp_path):
     make_wnid_folders(tmp_path / "train", n_classes=3, per_class=3)
     make_wnid_folders(tmp_path / "test", n_classes=3, per_class=1)

@@ -15,7 +15,7 @@ Splits (the record of every run names the one used, with sha256 hashes):
 
 * ``cifar100``: the official train/test pickles (50,000 / 10,000).
 * ``imagenet-r``, ``imagenet-a``: split lists given by ``split_train``/``split_test`` (CODA-Prompt's
-  YAML files, or text lists), else ``ROOT/train`` and ``ROOT/test`` folders, else a deterministic
+  YAML files, or text lists such as LAE's ``train_list.txt``/``val_list.txt``), else ``ROOT/train`` and ``ROOT/test`` folders, else a deterministic
   stratified split: per class, file names sorted, shuffled with ``random.Random(f"{seed}:{class}")``
   and the first ``round_half_up(test_fraction * n)`` held out (:func:`~duallora.data.datasets.split_files`,
   the rule of ``imagefolder``), recorded as ``stratified-80/20 seed S``.
@@ -103,8 +103,8 @@ or a pre-split copy:
   ROOT/train/n01443537/...  and  ROOT/test/n01443537/...
 and optionally split lists for the published split (data.split_train=FILE data.split_test=FILE):
   YAML with `data:` (image paths) and `targets:` (labels), CODA-Prompt's format, or text lines
-  "<path> <label>"; paths are resolved under ROOT (leading folders such as data/{name}/train/ are
-  dropped until the file is found)."""
+  "<path> <label>" such as LAE's train_list.txt / val_list.txt (used by InfLoRA); paths are resolved
+  under ROOT (leading folders such as data/{name}/train/ are dropped until the file is found)."""
 
 _DOMAINNET_LAYOUT = """domainnet expects DomainNet (cleaned version) in data.root: the six domain folders
 and DomainNet's own split lists
