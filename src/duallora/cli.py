@@ -86,8 +86,9 @@ def run(
         metrics = run_experiment(cfg, resume, resume=True, echo=typer.echo)
     else:
         metrics = run_experiment(cfg, output, overwrite=overwrite, echo=typer.echo)
-    typer.echo(format_metrics_table(metrics))
-    typer.echo(f"outputs written to {metrics['output']}")
+    if "output" in metrics:  # under torchrun only rank 0 writes and reports
+        typer.echo(format_metrics_table(metrics))
+        typer.echo(f"outputs written to {metrics['output']}")
 
 
 @app.command()

@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
+from duallora import distributed
 from duallora.config import MethodConfig
 from duallora.errors import ConfigError
 from duallora.memory import GramAccumulator, SubspaceMemory, energy_threshold
@@ -296,6 +297,12 @@ class DualLoRA(ContinualMethod):
         finally:
             for layer in layers.values():
                 layer.recorder = None
+        # statistics are sums: add up the processes' shards before any eigendecomposition
+        for g in G.values():
+            distributed.all_reduce_sum_(g.gram)
+        for a in acc.values():
+            for tensor in a.values():
+                distributed.all_reduce_sum_(tensor)
         return {n: g.gram for n, g in G.items()}, acc
 
     def begin_task(self, ctx: TaskContext) -> dict:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from duallora import __version__
+from duallora import __version__, distributed
 from duallora import config as config_mod
 from duallora.backbones import BackboneInfo, create_backbone
 from duallora.config import RunConfig
@@ -36,9 +36,20 @@ from duallora.reporting import (
     write_json_atomic,
     write_text_atomic,
 )
-from duallora.training import ContinualLearner, make_progress
+from duallora.training import ContinualLearner, make_progress, select_device
 
 Echo = Callable[[str], None]
+
+
+def _silent(_: str) -> None:
+    """Echo for processes other than rank 0."""
+
+
+class _Staging:
+    """The staging folder's path for processes other than rank 0 (which never write to it)."""
+
+    def __init__(self, final: Path) -> None:
+        self.path = Path(final).with_name(Path(final).name + ".partial")
 
 
 def default_output(cfg: RunConfig) -> Path:
@@ -118,6 +129,11 @@ def run_experiment(cfg: Optional[RunConfig], output: Optional[Path] = None, *, o
         the earlier content of ``output`` is left untouched in every case.
     """
     wall_start = time.perf_counter()
+    # under torchrun, join the process group first: only rank 0 writes outputs
+    distributed.init(select_device(cfg.train.device if cfg is not None else "auto"))
+    main = distributed.is_main()
+    if not main:
+        echo = _silent
     if resume:
         if output is None:
             raise CheckpointError("--resume needs the run folder: duallora run --resume DIR")
@@ -140,7 +156,8 @@ def run_experiment(cfg: Optional[RunConfig], output: Optional[Path] = None, *, o
     model, info = create_backbone(cfg.backbone.name, cfg.backbone.weights)
     scenario = build_scenario(cfg, info)
     if not resume:
-        rundir = RunDirectory(output, overwrite=overwrite)
+        rundir = RunDirectory(output, overwrite=overwrite) if main else _Staging(output)
+        distributed.barrier()
     stage = rundir.path
     echo(f"duallora {cfg.method.name}: {cfg.data.dataset}, {scenario.num_tasks} tasks, "
          f"backbone {info.name} (sha256 {info.sha256[:12]}), seed {cfg.seed}")
@@ -167,8 +184,9 @@ def run_experiment(cfg: Optional[RunConfig], output: Optional[Path] = None, *, o
             raise CheckpointError(f"{last} does not match the scenario rebuilt from the run's config")
         echo(f"resuming after task {len(learner.task_classes)} from {last}")
     else:
-        write_text_atomic(stage / "config.yaml", config_mod.to_yaml(cfg))
-        write_json_atomic(stage / "class_order.json", scenario.to_dict())
+        if main:
+            write_text_atomic(stage / "config.yaml", config_mod.to_yaml(cfg))
+            write_json_atomic(stage / "class_order.json", scenario.to_dict())
         learner = ContinualLearner(cfg, num_tasks=scenario.num_tasks, backbone=(model, info))
     start_task = len(learner.task_classes)
     test_sizes = [len(scenario.test_dataset(t)) for t in range(scenario.num_tasks)]
@@ -182,9 +200,10 @@ def run_experiment(cfg: Optional[RunConfig], output: Optional[Path] = None, *, o
         rows.append(ev["accuracy"])
         task_id_rows.append(ev["task_id_accuracy"])
         record["evaluation"] = ev
-        learner.save(stage / "checkpoints" / f"task_{t + 1}.safetensors",
-                     extra={"accuracy_rows": rows, "task_id_accuracy_rows": task_id_rows,
-                            "train_time_s": train_time, "eval_time_s": eval_time})
+        if main:
+            learner.save(stage / "checkpoints" / f"task_{t + 1}.safetensors",
+                         extra={"accuracy_rows": rows, "task_id_accuracy_rows": task_id_rows,
+                                "train_time_s": train_time, "eval_time_s": eval_time})
         seen = sum(c for c in ev["correct"]) / max(sum(ev["total"]), 1) * 100
         mem = record.get("memory_size")
         mem_txt = f", memory dims {min(mem.values())}-{max(mem.values())}" if mem else ""
@@ -214,8 +233,12 @@ def run_experiment(cfg: Optional[RunConfig], output: Optional[Path] = None, *, o
         "wall_time_s": time.perf_counter() - wall_start,
         "resumed_after_task": start_task if resume else None,
         "device": str(learner.device),
+        "world_size": distributed.world_size(),
         "environment": _environment(),
     })
+    if not main:
+        distributed.barrier()
+        return metrics
     write_json_atomic(stage / "history.json", learner.history)
     write_accuracy_matrix_csv(stage / "accuracy_matrix.csv", R)
     title = f"{cfg.method.name} on {cfg.data.dataset} ({scenario.num_tasks} tasks)"
@@ -225,6 +248,7 @@ def run_experiment(cfg: Optional[RunConfig], output: Optional[Path] = None, *, o
                          "task-id accuracy": task_id_rows}, title)
     write_json_atomic(stage / "metrics.json", metrics)
     final = rundir.commit()
+    distributed.barrier()
     metrics["output"] = str(final)
     return metrics
 

@@ -25,9 +25,10 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from duallora import config as config_mod
+from duallora import distributed
 from duallora.backbones import BackboneInfo, create_backbone
 from duallora.config import RunConfig
 from duallora.errors import CheckpointError, TrainingError
@@ -72,6 +73,18 @@ def make_progress(enabled: bool):
     from tqdm.auto import tqdm
 
     return lambda it, desc: tqdm(it, desc=desc, leave=False, dynamic_ncols=True)
+
+
+class _TaskForward(nn.Module):
+    """``x -> method.train_logits(x, task)`` as a module, so DDP can wrap the training forward."""
+
+    def __init__(self, method: ContinualMethod, task: int) -> None:
+        super().__init__()
+        self.method = method
+        self.task = task
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.method.train_logits(x, self.task)
 
 
 class _LocalLabels(Dataset):
@@ -130,7 +143,8 @@ class ContinualLearner:
         self.num_tasks = num_tasks
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        self.device = device or select_device(cfg.train.device)
+        self.device = distributed.local_device(device or select_device(cfg.train.device))
+        distributed.init(self.device)
         seed_everything(cfg.seed)
         model, info = backbone if backbone is not None else create_backbone(cfg.backbone.name, cfg.backbone.weights)
         self.backbone_info = info
@@ -149,11 +163,17 @@ class ContinualLearner:
         return [c for classes in self.task_classes for c in classes]
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
-        g = torch.Generator().manual_seed(seed)
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g,
-                          num_workers=self.cfg.data.num_workers,
-                          pin_memory=self.device.type == "cuda",
-                          persistent_workers=False)
+        """Training loader (``shuffle``): global batches of the single-process order, each split over
+        the torchrun processes. Otherwise (statistics, evaluation): this process's shard, in order."""
+        common = dict(num_workers=self.cfg.data.num_workers, pin_memory=self.device.type == "cuda")
+        if shuffle:
+            g = torch.Generator().manual_seed(seed)
+            sampler = distributed.GlobalBatchSampler(len(dataset), batch_size, g)  # type: ignore[arg-type]
+            workers_seed = torch.Generator().manual_seed(seed + 7919)  # keeps the global RNG untouched
+            return DataLoader(dataset, batch_sampler=sampler, generator=workers_seed, **common)
+        if distributed.world_size() > 1:
+            dataset = Subset(dataset, distributed.shard(range(len(dataset))))  # type: ignore[arg-type]
+        return DataLoader(dataset, batch_size=batch_size, shuffle=False, **common)
 
     def _optimizer(self, groups: dict[str, list[nn.Parameter]]) -> torch.optim.Optimizer:
         tc = self.cfg.train
@@ -197,21 +217,35 @@ class ContinualLearner:
         self.model.eval()  # the backbone has no dropout we want; adapters have none
         begin_info = self.method.begin_task(ctx)
         groups = self.method.param_groups(t)
-        opt = self._optimizer(groups)
-        loader = self._loader(data, tc.batch_size, shuffle=True, seed=self.cfg.seed * 1000 + t)
-        steps = tc.epochs * len(loader)
-        sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
-                 if tc.scheduler == "cosine" else None)
         trainable = [p for g in groups.values() for p in g]
-        losses: list[float] = []
+        # a method without trainable parameters (simplecil, fecam) learns in end_task: no epochs, no
+        # optimiser; its epoch_loss is [nan] (no loss)
+        epochs = tc.epochs if trainable else 0
+        opt = self._optimizer(groups) if trainable else None
+        # a method may train on more than the task's own data (joint, the non-continual upper bound)
+        training_set = getattr(self.method, "training_set", None)
+        train_set = training_set(data, t) if training_set is not None and trainable else data
+        loader = self._loader(train_set, tc.batch_size, shuffle=True, seed=self.cfg.seed * 1000 + t)
+        steps = epochs * len(loader)
+        sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
+                 if tc.scheduler == "cosine" and opt is not None else None)
+        forward = _TaskForward(self.method, t)
+        if distributed.world_size() > 1 and trainable:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # gradients of the task's trainable parameters are averaged over the processes
+            forward = DistributedDataParallel(forward, find_unused_parameters=True,
+                                              device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        losses: list[float] = [] if trainable else [float("nan")]
         train_start = time.perf_counter()
         step = 0
-        for epoch in range(tc.epochs):
+        for epoch in range(epochs):
+            assert opt is not None
             total, n = 0.0, 0
             bar = self.progress(loader, f"task {t + 1} epoch {epoch + 1}/{tc.epochs}")
             for x, y in bar:
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                logits = self.method.train_logits(x, t)
+                logits = forward(x)
                 loss = F.cross_entropy(logits, y)
                 if not torch.isfinite(loss):
                     raise TrainingError(
@@ -304,6 +338,13 @@ class ContinualLearner:
                 total[t] += int(m.sum())
             task_correct += int((pred.tasks == true_task).sum())
             conf_sum += float(pred.confidence.sum())
+        if distributed.world_size() > 1:
+            counts = torch.tensor(correct + total + [task_correct, conf_sum], dtype=torch.float64)
+            distributed.all_reduce_sum_(counts)
+            k = len(test_sets)
+            correct = [int(v) for v in counts[:k]]
+            total = [int(v) for v in counts[k:2 * k]]
+            task_correct, conf_sum = int(counts[2 * k]), float(counts[2 * k + 1])
         n = sum(total)
         return {
             "accuracy": [100.0 * c / max(s, 1) for c, s in zip(correct, total)],
