@@ -55,9 +55,9 @@ class BackboneConfig:
 class MethodConfig:
     """The continual-learning method and its options (method.md)."""
 
-    name: str = "duallora"  #: duallora | frozen | seq-lora
+    name: str = "duallora"  #: duallora | frozen | seq-lora | inflora | sd-lora | l2p | simplecil | fecam | joint
     adapted_modules: list[str] = field(default_factory=lambda: ["qkv"])  #: qkv | proj | fc1 | fc2
-    rank_orthogonal: int = 10  #: r_o, rank of the orthogonal adapter (also seq-lora's LoRA rank)
+    rank_orthogonal: int = 10  #: r_o, rank of the orthogonal adapter (also the LoRA rank of seq-lora, inflora, sd-lora, joint)
     rank_residual: int = 10  #: r_r, rank of each task's residual adapter (capped by memory dim)
     use_orthogonal: bool = True  #: ablation switch: train the orthogonal adapter
     use_residual: bool = True  #: ablation switch: train residual adapters (t >= 2)
@@ -73,6 +73,10 @@ class MethodConfig:
     ridge: float = 1e-4  #: ridge added to the pooled covariance, relative to its mean eigenvalue
     calibration: str = "product"  #: none | product | hard
     confidence_threshold: float = 0.9  #: gamma for calibration=hard
+    prompt_pool: int = 10  #: l2p: prompts (and keys) in the pool
+    prompt_length: int = 5  #: l2p: tokens per prompt
+    prompt_top_k: int = 5  #: l2p: prompts chosen per image (top-N by key cosine similarity)
+    prompt_key_weight: float = 0.1  #: l2p: weight of the surrogate key-matching loss
 
 
 @dataclass
@@ -105,7 +109,7 @@ class RunConfig:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "method.name": ("duallora", "frozen", "seq-lora"),
+    "method.name": ("duallora", "frozen", "seq-lora", "inflora", "sd-lora", "l2p", "simplecil", "fecam", "joint"),
     "method.stat_tokens": ("all", "cls"),
     "method.gate": ("shared", "soft", "hard"),
     "method.task_id_features": ("auto", "gate", "final"),
@@ -116,11 +120,21 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 ADAPTABLE_MODULES = ("qkv", "proj", "fc1", "fc2")
 
+#: Keys of the l2p prompt pool (duallora does not read them).
+L2P_KEYS = {"prompt_pool", "prompt_length", "prompt_top_k", "prompt_key_weight"}
+
 #: Method keys each method reads; a non-default value of any other method key is an error.
 METHOD_KEYS: dict[str, set[str]] = {
-    "duallora": {f.name for f in dataclasses.fields(MethodConfig)} - {"name"},
+    "duallora": {f.name for f in dataclasses.fields(MethodConfig)} - {"name"} - L2P_KEYS,
     "frozen": set(),
     "seq-lora": {"adapted_modules", "rank_orthogonal"},
+    # baselines (duallora.baselines)
+    "inflora": {"adapted_modules", "rank_orthogonal", "energy_threshold_start", "energy_threshold_end"},
+    "sd-lora": {"adapted_modules", "rank_orthogonal"},
+    "l2p": set(L2P_KEYS),
+    "simplecil": {"tau_id"},
+    "fecam": {"tau_id", "ridge"},
+    "joint": {"adapted_modules", "rank_orthogonal"},
 }
 
 
@@ -159,6 +173,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         "method.rank_orthogonal": cfg.method.rank_orthogonal,
         "method.rank_residual": cfg.method.rank_residual,
         "method.subspace_dims": cfg.method.subspace_dims,
+        "method.prompt_pool": cfg.method.prompt_pool,
+        "method.prompt_length": cfg.method.prompt_length,
+        "method.prompt_top_k": cfg.method.prompt_top_k,
     }
     for key, value in positive.items():
         if value < 1:
@@ -175,6 +192,11 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise ConfigError(f"method.{key}={value} must lie in (0, 1]")
     if not 0.0 <= cfg.method.confidence_threshold <= 1.0:
         raise ConfigError("method.confidence_threshold must lie in [0, 1]")
+    if cfg.method.prompt_top_k > cfg.method.prompt_pool:
+        raise ConfigError(f"method.prompt_top_k={cfg.method.prompt_top_k} must not exceed "
+                          f"method.prompt_pool={cfg.method.prompt_pool}")
+    if cfg.method.prompt_key_weight < 0:
+        raise ConfigError(f"method.prompt_key_weight={cfg.method.prompt_key_weight} must be >= 0")
     if cfg.data.num_tasks is None and cfg.data.classes_per_task is None:
         raise ConfigError("set data.num_tasks or data.classes_per_task")
     if cfg.data.num_tasks is not None and cfg.data.num_tasks < 1:

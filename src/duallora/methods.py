@@ -481,6 +481,8 @@ def calibrate(logits: torch.Tensor, posterior: torch.Tensor, sizes: list[int], m
 
 
 METHODS: dict[str, type[ContinualMethod]] = {m.name: m for m in (DualLoRA, Frozen, SeqLoRA)}
+# the baselines (InfLoRA, SD-LoRA, L2P, SimpleCIL, FeCAM, joint) register themselves in METHODS
+from duallora import baselines as _baselines  # noqa: E402,F401
 
 
 def build_method(model: AdaptedViT, cfg: MethodConfig, seed: int = 0) -> ContinualMethod:

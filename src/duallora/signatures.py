@@ -148,6 +148,23 @@ class TaskSignatures:
         idx = c["class_task"].expand_as(d)
         return out.scatter_reduce(1, idx, d, reduce="amin", include_self=True)
 
+    def class_distances(self, z: torch.Tensor) -> torch.Tensor:
+        """Per-class distance ``d_c(x)`` for features ``z`` (B, D) -> (B, C), columns in class-position
+        order; smaller = closer. ``mahalanobis`` and ``cosine`` only (``subspace`` scores tasks, not classes).
+
+        Raises:
+            RuntimeError: no statistics yet. ValueError: ``score="subspace"``.
+        """
+        if self.num_tasks == 0:
+            raise RuntimeError("no task statistics yet: learn a task first")
+        if self.score == "subspace":
+            raise ValueError("score='subspace' has no class-level distance")
+        c = self._prepare(z.device, z.dtype)
+        if self.score == "mahalanobis":
+            w = z @ c["white"]
+            return (w[:, None, :] - c["means"][None]).pow(2).sum(-1) / self.dim
+        return 1.0 - F.normalize(z, dim=1) @ c["means"].T
+
     def task_posterior(self, z: torch.Tensor) -> torch.Tensor:
         """``p(j | x)`` (B, T) for features ``z`` (B, D); rows sum to 1."""
         return torch.softmax(-self.task_distances(z) / self.tau, dim=1)

@@ -1,0 +1,466 @@
+"""Baselines (duallora.baselines) through the shared learner: InfLoRA, SD-LoRA, L2P, SimpleCIL, FeCAM, joint.
+
+Tiny random ViTs and synthetic images (one random pixel pattern per class), 1 epoch per task; the
+training-free classifiers are checked by hand on features looked up from the image (pixel 0 = an id).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from duallora.backbones import BackboneInfo, create_backbone, state_dict_sha256
+from duallora.baselines import L2P, FeCAM, InfLoRA, Joint, LowRankBranches, SDLoRA, SimpleCIL, _AddAuxLoss
+from duallora.config import load_config
+from duallora.errors import ConfigError
+from duallora.methods import METHODS, build_method
+from duallora.training import ContinualLearner
+
+BASE = [
+    "train.progress=false",
+    "train.epochs=1",
+    "train.batch_size=10",
+    "train.eval_batch_size=64",
+    "train.device=cpu",
+    "train.lr=0.01",
+    "train.threads=1",
+]
+BASELINES = ["inflora", "sd-lora", "l2p", "simplecil", "fecam", "joint"]
+TRAINING_FREE = {"simplecil", "fecam"}
+TASKS = [(7, 3), (0, 9), (5, 1)]
+
+
+# ---------------------------------------------------------------------- helpers
+def small_backbone(seed: int = 0, dim: int = 32, depth: int = 2):
+    """A random timm ViT (28x28x1, patch 7 -> 16 patches + class token), frozen, with its record."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(seed)
+    model = VisionTransformer(img_size=28, patch_size=7, in_chans=1, embed_dim=dim, depth=depth,
+                              num_heads=2, num_classes=0)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    info = BackboneInfo(name=f"test_vit_{dim}x{depth}", weights_path=None, sha256=state_dict_sha256(model),
+                        sha256_of="state_dict", input_size=(1, 28, 28), mean=(0.5,), std=(0.5,), embed_dim=dim)
+    return model, info
+
+
+def pattern(c: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 + c)
+    return (torch.rand(28, 28, generator=g) > 0.5).float()
+
+
+def make_data(classes, per_class: int, seed: int = 0) -> TensorDataset:
+    """uint8 images (N, 1, 28, 28): the class pattern at 200 plus uniform noise in [0, 40)."""
+    g = torch.Generator().manual_seed(seed)
+    xs, ys = [], []
+    for c in classes:
+        noise = torch.rand(per_class, 28, 28, generator=g) * 40.0
+        xs.append((pattern(c) * 200.0 + noise).clamp(0, 255).to(torch.uint8).unsqueeze(1))
+        ys.append(torch.full((per_class,), c, dtype=torch.long))
+    return TensorDataset(torch.cat(xs), torch.cat(ys))
+
+
+def make_learner(method: str, overrides=(), backbone=None, num_tasks: int = 3) -> ContinualLearner:
+    cfg = load_config(None, BASE + [f"method.name={method}"] + list(overrides))
+    return ContinualLearner(cfg, num_tasks=num_tasks, backbone=backbone or small_backbone(),
+                            device=torch.device("cpu"))
+
+
+def learn(learner: ContinualLearner, tasks=TASKS[:2], per_class: int = 20) -> list[dict]:
+    return [learner.learn_task(make_data(c, per_class, seed=t), c) for t, c in enumerate(tasks)]
+
+
+# ---------------------------------------------------------------------- every method, end to end
+@pytest.mark.parametrize("method", BASELINES)
+def test_method_learns_two_tasks_end_to_end(method):
+    learner = make_learner(method)
+    assert type(learner.method) is METHODS[method]
+    records = learn(learner)
+    for rec in records:
+        if method in TRAINING_FREE:
+            assert len(rec["epoch_loss"]) == 1 and math.isnan(rec["epoch_loss"][0])  # no epoch ran
+        else:
+            assert rec["epoch_loss"] and all(math.isfinite(v) for v in rec["epoch_loss"])
+    x = make_data([7, 3, 0, 9], 2, seed=11).tensors[0]
+    pred = learner.predict(x)
+    assert pred.probs.shape == (8, 4)
+    assert torch.allclose(pred.probs.sum(1), torch.ones(8), atol=1e-5)
+    assert pred.labels.shape == (8,) and set(pred.labels.tolist()) <= {7, 3, 0, 9}
+    assert ((pred.confidence >= 0.5 - 1e-6) & (pred.confidence <= 1 + 1e-6)).all()
+    row = learner.evaluate([make_data(TASKS[0], 3, seed=12), make_data(TASKS[1], 3, seed=13)])
+    assert row["total"] == [6, 6] and all(0.0 <= a <= 100.0 for a in row["accuracy"])
+    if method in TRAINING_FREE | {"joint"}:
+        # class templates are far apart: prototypes and the joint model get every image right
+        assert row["accuracy"] == [100.0, 100.0], row
+
+
+def test_training_free_methods_have_no_parameters_and_run_no_epoch(monkeypatch):
+    for method in sorted(TRAINING_FREE):
+        learner = make_learner(method)
+        assert learner.method.param_groups(0) == {"adapters": [], "head": []}
+        calls = []
+        monkeypatch.setattr(learner.method, "train_logits", lambda x, t: calls.append(1))
+        learn(learner, TASKS[:1])
+        assert calls == [] and len(learner.model.heads) == 0
+
+
+# ---------------------------------------------------------------------- InfLoRA
+def test_inflora_down_projections_orthogonal_to_memory_frozen_and_kv_only():
+    learner = make_learner("inflora")
+    method = learner.method
+    assert isinstance(method, InfLoRA)
+    snaps: list[dict] = []
+    checks: list[dict] = []
+    orig_groups, orig_end = method.param_groups, method.end_task
+
+    def groups(task):
+        out = orig_groups(task)
+        snaps.append({n: b.A[b.tasks.index(task)].detach().clone() for n, b in method.branches.items()})
+        return out
+
+    def end(ctx):
+        rec = {"overlap": 0.0, "mem": 0, "rows": 0}
+        for name, b in method.branches.items():
+            j = b.tasks.index(ctx.task)
+            A, M = b.A[j], method.memories[name].basis  # the memory before this task's growth
+            assert not A.requires_grad and b.B[j].requires_grad
+            assert torch.equal(A, snaps[-1][name])  # A_t did not move during training
+            assert float(b.B[j].detach().norm()) > 0  # B_t trained from zero
+            rec["rows"] += A.shape[0]
+            rec["mem"] += M.shape[1]
+            if A.shape[0] and M.shape[1]:
+                rec["overlap"] = max(rec["overlap"], float((A.double() @ M).abs().max()))
+        checks.append(rec)
+        return orig_end(ctx)
+
+    method.param_groups, method.end_task = groups, end  # type: ignore[method-assign]
+    learn(learner, TASKS[:1])
+    after1 = {n: (b.A[0].detach().clone(), b.B[0].detach().clone()) for n, b in method.branches.items()}
+    learn_rec = learner.learn_task(make_data(TASKS[1], 20, seed=1), TASKS[1])
+    assert learn_rec["memory_size"] and min(learn_rec["memory_size"].values()) > 0
+    assert checks[0]["mem"] == 0 and checks[1]["mem"] > 0 and checks[1]["rows"] > 0  # not vacuous
+    assert checks[1]["overlap"] < 1e-5
+    for name, b in method.branches.items():
+        assert b.tasks == [0, 1]
+        assert torch.equal(b.A[0], after1[name][0]) and torch.equal(b.B[0], after1[name][1])
+        assert not any(p.requires_grad for p in (*b.A, *b.B))
+    # branches write to the k and v rows of qkv only
+    name, layer = next(iter(learner.model.adapted_layers()))
+    D = layer.in_features
+    assert name.endswith("attn.qkv") and method.branches[name].num_rows == 2 * D
+    h = torch.randn(3, 17, D)
+    with torch.no_grad():
+        full, base = layer(h), layer.base(h)
+    assert torch.equal(full[..., :D], base[..., :D])
+    assert not torch.allclose(full[..., D:], base[..., D:], atol=1e-6)
+
+
+def test_inflora_keeps_old_task_outputs_with_eps_one():
+    # width 192: task 1's 2 x 2 x 17 = 68 tokens leave room; with eps = 1 the memory holds all of them
+    torch.manual_seed(0)
+    learner = make_learner("inflora", ["method.energy_threshold_start=1.0", "method.energy_threshold_end=1.0"],
+                           backbone=create_backbone("vit_tiny_patch7_28.duallora_mnist", pretrained=False),
+                           num_tasks=2)
+    task1 = make_data((7, 3), 2, seed=0)
+    learner.learn_task(task1, (7, 3))
+    x1 = task1.tensors[0]
+    with torch.no_grad():
+        before = learner.model.features(x1)
+    learner.learn_task(make_data((0, 9), 10, seed=1), (0, 9))
+    with torch.no_grad():
+        after = learner.model.features(x1)
+    assert max(float(b.B[1].norm()) for b in learner.method.branches.values()) > 1e-3
+    scale = float(before.abs().max())
+    assert torch.allclose(after, before, atol=1e-5 * scale, rtol=0), float((after - before).abs().max())
+
+
+# ---------------------------------------------------------------------- SD-LoRA
+def test_sdlora_keeps_earlier_directions_and_learns_magnitudes():
+    learner = make_learner("sd-lora")
+    method = learner.method
+    assert isinstance(method, SDLoRA)
+    x = make_data([7, 3], 2, seed=5).tensors[0]
+    orig_end = method.end_task
+    continuity: list[float] = []
+
+    def end(ctx):
+        with torch.no_grad():
+            before = learner.model.features(x)
+        out = orig_end(ctx)
+        with torch.no_grad():
+            after = learner.model.features(x)
+        continuity.append(float((after - before).abs().max() / before.abs().max()))
+        return out
+
+    method.end_task = end  # type: ignore[method-assign]
+    learn(learner, TASKS[:2])
+    snap = {n: [(b.A[j].detach().clone(), b.B[j].detach().clone(), b.norms[j], float(b.alpha[j].detach()))
+                for j in range(2)] for n, b in method.branches.items()}
+    groups = None
+    orig_groups = method.param_groups
+
+    def spy(task):
+        nonlocal groups
+        groups = orig_groups(task)
+        return groups
+
+    method.param_groups = spy  # type: ignore[method-assign]
+    learner.learn_task(make_data(TASKS[2], 20, seed=2), TASKS[2])
+    assert max(continuity) < 1e-5  # magnitude/direction split leaves the function unchanged
+    moved = 0
+    for name, b in method.branches.items():
+        assert b.tasks == [0, 1, 2]
+        for j in range(2):
+            A, B, norm, alpha = snap[name][j]
+            assert torch.equal(b.A[j], A) and torch.equal(b.B[j], B) and b.norms[j] == norm
+            assert not b.A[j].requires_grad and not b.B[j].requires_grad
+            assert norm > 0 and b.alpha[j].requires_grad
+            moved += int(float(b.alpha[j].detach()) != alpha)
+        # the new task's LoRA trained both factors; its direction is unit-normalised with magnitude alpha
+        assert float(torch.linalg.matrix_norm(b.B[2].detach() @ b.A[2].detach())) == pytest.approx(b.norms[2], rel=1e-5)
+        assert float(b.alpha[2].detach()) == pytest.approx(b.norms[2], rel=1e-6)
+        assert b.num_rows == 2 * b.in_features  # q and v rows
+    assert moved > 0  # earlier magnitudes were learned in task 3
+    assert groups is not None
+    trained = {id(p) for p in groups["adapters"]}
+    for b in method.branches.values():
+        assert {id(b.alpha[0]), id(b.alpha[1]), id(b.A[2]), id(b.B[2])} <= trained
+        assert not {id(b.A[0]), id(b.B[0]), id(b.A[1]), id(b.B[1])} & trained
+
+
+def test_low_rank_branches_hook_formula():
+    lin = torch.nn.Linear(4, 6)
+    b = LowRankBranches(lin, rows=((0, 2), (4, 6)))
+    A = torch.randn(2, 4)
+    B = torch.randn(4, 2)
+    b.add(0, A, B, alpha=3.0, norm=2.0)
+    h = torch.randn(5, 4)
+    with torch.no_grad():
+        y = lin(h)
+        ref = lin.weight @ h.T
+        ref = ref.T + lin.bias
+        delta = 1.5 * (h @ A.T @ B.T)
+        ref[:, [0, 1, 4, 5]] += delta
+    assert torch.allclose(y, ref, atol=1e-5)
+
+
+# ---------------------------------------------------------------------- L2P
+def test_l2p_selects_prompts_per_image_and_trains_pool_and_keys():
+    learner = make_learner("l2p", ["method.prompt_pool=6", "method.prompt_top_k=2", "method.prompt_length=3"])
+    method = learner.method
+    assert isinstance(method, L2P)
+    keys0, prompts0 = method.keys.detach().clone(), method.prompts.detach().clone()
+    learn(learner)
+    assert not torch.equal(method.keys, keys0) and not torch.equal(method.prompts, prompts0)
+    x = make_data([7, 3, 0, 9], 3, seed=9).tensors[0]
+    with torch.no_grad():
+        _, idx = method.select(method.query(x))
+    assert idx.shape == (12, 2)
+    perm = torch.randperm(12, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, idx_perm = method.select(method.query(x[perm]))
+        assert torch.equal(idx_perm, idx[perm])
+        for i in range(12):
+            _, alone = method.select(method.query(x[i:i + 1]))
+            assert torch.equal(alone[0], idx[i])
+    full = learner.predict(x)
+    shuffled = learner.predict(x[perm])
+    assert torch.allclose(shuffled.probs, full.probs[perm], atol=1e-5)
+    # the prompted pass inserts k * length tokens after the class token
+    seen = []
+    handle = learner.model.backbone.blocks[0].register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
+    learner.predict(x[:2])
+    handle.remove()
+    assert seen == [17, 17 + 2 * 3]  # query pass, prompted pass
+
+
+def test_aux_loss_attachment_adds_its_gradient():
+    logits = torch.randn(4, 3, requires_grad=True)
+    w = torch.randn(2, requires_grad=True)
+    y = torch.tensor([0, 2, 1, 1])
+    aux = (w ** 2).sum()
+    torch.nn.functional.cross_entropy(_AddAuxLoss.apply(logits, aux), y).backward()
+    g_logits, g_w = logits.grad.clone(), w.grad.clone()
+    logits.grad, w.grad = None, None
+    (torch.nn.functional.cross_entropy(logits, y) + (w ** 2).sum()).backward()
+    assert torch.allclose(g_logits, logits.grad) and torch.allclose(g_w, w.grad)
+
+
+# ---------------------------------------------------------------------- joint
+def test_joint_trains_one_classifier_on_every_seen_task():
+    learner = make_learner("joint", ["train.epochs=2"])
+    method = learner.method
+    assert isinstance(method, Joint)
+    seen: list[int] = []
+    orig = method.train_logits
+
+    def spy(x, task):
+        out = orig(x, task)
+        seen.append(x.shape[0])
+        assert out.shape == (x.shape[0], sum(method.sizes))  # logits over every seen class
+        return out
+
+    method.train_logits = spy  # type: ignore[method-assign]
+    rec1 = learner.learn_task(make_data(TASKS[0], 20, seed=0), TASKS[0])
+    n1 = sum(seen)
+    seen.clear()
+    rec2 = learner.learn_task(make_data(TASKS[1], 20, seed=1), TASKS[1])
+    assert n1 == 2 * 40 and sum(seen) == 2 * 80  # task 2 trained on both tasks' 80 images, 2 epochs
+    assert rec1["joint_train_images"] == 40 and rec2["joint_train_images"] == 80
+    assert learner.model.head_sizes == [2, 2]
+    union = method.training_set(method.datasets[1], 1)
+    assert sorted({int(union[i][1]) for i in range(len(union))}) == [0, 1, 2, 3]
+    test = make_data([7, 3, 0, 9], 5, seed=42)
+    pred = learner.predict(test.tensors[0])
+    assert torch.equal(pred.labels, test.tensors[1])
+
+
+# ---------------------------------------------------------------------- training-free classifiers by hand
+def id_images(n: int, start: int = 0) -> torch.Tensor:
+    x = torch.zeros(n, 1, 28, 28, dtype=torch.uint8)
+    x[:, 0, 0, 0] = torch.arange(start, start + n, dtype=torch.uint8)
+    return x
+
+
+def feature_learner(method: str, table: torch.Tensor, overrides=()) -> ContinualLearner:
+    learner = make_learner(method, overrides)
+    learner.model.features = lambda x: table[x[:, 0, 0, 0].long()]  # type: ignore[method-assign]
+    return learner
+
+
+def feature_tasks(means: list[list[float]], offsets: list[list[float]], dim: int = 32):
+    """Each class: its mean plus each offset; returns (table, per-task datasets, labels per task)."""
+    rows = []
+    for m in means:
+        for o in offsets:
+            v = torch.zeros(dim)
+            v[: len(m)] = torch.tensor(m) + torch.tensor(o)
+            rows.append(v)
+    return torch.stack(rows)
+
+
+def test_simplecil_predicts_by_cosine_to_class_means():
+    means = [[2.0, 0, 0, 0], [0, 0, 3.0, 0], [0, 4.0, 0, 0], [-1.0, 0, 0, 0]]  # classes 7, 3 | 0, 9
+    offs = [[0, 0, 0, 1.0], [0, 0, 0, -1.0]]
+    table = feature_tasks(means, offs)
+    tests = torch.zeros(2, 32)
+    tests[0, :2] = torch.tensor([3.0, 1.0])
+    tests[1, :2] = torch.tensor([10.0, 9.0])  # Euclid: nearest mean is class 0's; cosine: class 7
+    table = torch.cat([table, tests])
+    learner = feature_learner("simplecil", table)
+    learner.learn_task(TensorDataset(id_images(4, 0), torch.tensor([7, 7, 3, 3])), (7, 3))
+    learner.learn_task(TensorDataset(id_images(4, 4), torch.tensor([0, 0, 9, 9])), (0, 9))
+    protos = learner.method.prototypes
+    assert torch.equal(protos[:, :4], torch.tensor(means, dtype=torch.float64))
+    assert torch.equal(protos[:, 4:], torch.zeros(4, 28, dtype=torch.float64))
+    pred = learner.predict(id_images(2, 8))
+    assert pred.labels.tolist() == [7, 7] and pred.tasks.tolist() == [0, 0]
+    cos = torch.tensor([[3 / math.sqrt(10), 0.0, 1 / math.sqrt(10), -3 / math.sqrt(10)],
+                        [10 / math.sqrt(181), 0.0, 9 / math.sqrt(181), -10 / math.sqrt(181)]])
+    assert torch.allclose(pred.probs, torch.softmax(cos / 0.02, dim=1), atol=1e-5)
+
+
+def test_fecam_predicts_by_mahalanobis_with_pooled_covariance():
+    # 4 samples per class: mean +- (3, 0), mean +- (0, 0.1): pooled scatter diag(8 * 9, 8 * 0.01) over
+    # 16 - 4 = 12 degrees of freedom -> covariance diag(6, 0.08 / 12) (plus the relative ridge)
+    means = [[0.0, 0.0], [0.0, 5.0], [6.0, 1.0], [-6.0, 5.0]]  # classes 7, 3 | 0, 9
+    offs = [[3.0, 0], [-3.0, 0], [0, 0.1], [0, -0.1]]
+    table = feature_tasks(means, offs)
+    tests = torch.zeros(2, 32)
+    tests[0, :2] = torch.tensor([4.0, 0.0])  # Euclid: class 0 (distance 2.2 vs 4); Mahalanobis: class 7
+    tests[1, :2] = torch.tensor([-3.0, 5.0])  # Euclid: a tie of classes 3 and 9; Mahalanobis: 3 (closer in dim 0)
+    table = torch.cat([table, tests])
+    learner = feature_learner("fecam", table)
+    learner.learn_task(TensorDataset(id_images(8, 0), torch.tensor([7] * 4 + [3] * 4)), (7, 3))
+    learner.learn_task(TensorDataset(id_images(8, 8), torch.tensor([0] * 4 + [9] * 4)), (0, 9))
+    sig = learner.method.signatures
+    assert torch.allclose(sig.means[:, :2], torch.tensor(means, dtype=torch.float64), atol=1e-6)
+    assert sig.count == 16
+    var = torch.tensor([6.0, 0.08 / 12])
+    ridge = 1e-4 * float(var.sum()) / 32
+    pred = learner.predict(id_images(2, 16))
+    assert pred.labels.tolist() == [7, 3]
+    diff = tests[:, None, :2] - torch.tensor(means)[None]  # (2, 4, 2)
+    d = (diff ** 2 / (var + ridge)).sum(-1) / 32
+    assert torch.allclose(learner.method.signatures.class_distances(tests), d, rtol=1e-4)
+    assert torch.allclose(pred.probs, torch.softmax(-d / 0.02, dim=1), atol=1e-5)
+
+
+# ---------------------------------------------------------------------- save / load
+@pytest.mark.parametrize("method", BASELINES)
+def test_save_load_gives_identical_predictions(tmp_path, method):
+    learner = make_learner(method, backbone=small_backbone(4))
+    learn(learner)
+    path = learner.save(tmp_path / "ckpt.safetensors")
+    x = make_data([7, 3, 0, 9], 3, seed=7).tensors[0]
+    want = learner.predict(x)
+    loaded = ContinualLearner.load(path, device=torch.device("cpu"), backbone=small_backbone(4))
+    assert type(loaded.method) is type(learner.method)
+    got = loaded.predict(x)
+    assert loaded.task_classes == [(7, 3), (0, 9)]
+    assert torch.equal(got.probs, want.probs)
+    assert torch.equal(got.labels, want.labels)
+    assert torch.equal(got.confidence, want.confidence)
+
+
+def test_loaded_joint_cannot_learn_further_tasks(tmp_path):
+    from duallora.errors import TrainingError
+
+    learner = make_learner("joint")
+    learn(learner, TASKS[:1])
+    loaded = ContinualLearner.load(learner.save(tmp_path / "j.safetensors"), device=torch.device("cpu"),
+                                   backbone=small_backbone())
+    with pytest.raises(TrainingError, match="earlier task"):
+        loaded.learn_task(make_data(TASKS[1], 5, seed=1), TASKS[1])
+
+
+# ---------------------------------------------------------------------- config
+@pytest.mark.parametrize("overrides, fragment", [
+    (["method.name=l2p", "method.gate=hard"], "method 'l2p' does not use it"),
+    (["method.name=duallora", "method.prompt_pool=30"], "method 'duallora' does not use it"),
+    (["method.name=simplecil", "method.rank_orthogonal=4"], "method 'simplecil' does not use it"),
+    (["method.name=fecam", "method.adapted_modules=[qkv,fc1]"], "method 'fecam' does not use it"),
+    (["method.name=sd-lora", "method.energy_threshold_end=1.0"], "method 'sd-lora' does not use it"),
+    (["method.name=l2p", "method.prompt_top_k=11"], "prompt_top_k=11 must not exceed"),
+    (["method.name=l2p", "method.prompt_length=0"], "prompt_length=0 must be a positive integer"),
+])
+def test_baseline_config_rejects_unused_or_bad_keys(overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(None, overrides)
+
+
+def test_baseline_config_accepts_its_keys():
+    for overrides in (["method.name=inflora", "method.rank_orthogonal=4", "method.energy_threshold_end=1.0"],
+                      ["method.name=sd-lora", "method.adapted_modules=[qkv,fc1]"],
+                      ["method.name=l2p", "method.prompt_pool=20", "method.prompt_key_weight=0.5"],
+                      ["method.name=simplecil", "method.tau_id=0.1"],
+                      ["method.name=fecam", "method.ridge=0.01"],
+                      ["method.name=joint", "method.rank_orthogonal=4"]):
+        cfg = load_config(None, overrides)
+        model, info = small_backbone()
+        from duallora.model import AdaptedViT
+
+        method = build_method(AdaptedViT(model, info.mean, info.std, cfg.method.adapted_modules), cfg.method)
+        assert method.name == cfg.method.name
+
+
+def test_sdlora_and_inflora_adapt_other_layers_on_all_rows():
+    learner = make_learner("sd-lora", ["method.adapted_modules=[qkv,fc1]"], num_tasks=2)
+    learn(learner, TASKS[:1], per_class=5)
+    rows = {n: b.rows for n, b in learner.method.branches.items()}
+    assert sum(n.endswith("mlp.fc1") for n in rows) == 2
+    assert all(r is None for n, r in rows.items() if n.endswith("mlp.fc1"))
+    assert isinstance(learner.method, SDLoRA)
+    learner = make_learner("inflora", ["method.adapted_modules=[fc1]"], num_tasks=2)
+    learn(learner, TASKS[:1], per_class=5)
+    assert all(b.rows is None and b.num_rows == 128 for b in learner.method.branches.values())
+
+
+def test_simplecil_fecam_are_registered_statistics_classifiers():
+    assert {m: METHODS[m] for m in BASELINES} == {
+        "inflora": InfLoRA, "sd-lora": SDLoRA, "l2p": L2P, "simplecil": SimpleCIL, "fecam": FeCAM, "joint": Joint}
