@@ -1,0 +1,202 @@
+"""Speed and memory of DualLoRA against the methods it claims to beat, measured side by side.
+
+Prints a table and writes JSON (default ``benchmarks/results/speed.json``). Every figure is a ratio of
+two measurements taken in the same process, interleaved, so machine noise cancels as far as it can:
+
+* inference time per image after T tasks: DualLoRA / frozen backbone, / InfLoRA, / L2P (two passes),
+  at batch 1 and batch 64;
+* training time per step (forward + backward + optimiser step) on task 2: DualLoRA / seq-lora (same
+  rank and layers), / InfLoRA;
+* statistics passes and memory update per task as a share of that task's training time, at the
+  default epochs (the ratio does not depend on the task's size: both scale with it);
+* activation memory of one training step (bytes saved for backward): DualLoRA / seq-lora.
+
+Usage::
+
+    python benchmarks/speed.py                    # shipped backbone, 5 tasks, about 3-5 minutes on 2 cores
+    python benchmarks/speed.py --repeats 30 --output /tmp/speed.json
+
+Timings use random images on the shipped backbone (28x28x1 ViT, width 192, depth 6); the adapters'
+structure after T tasks, not their trained values, decides the cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import TensorDataset
+
+from duallora.config import load_config
+from duallora.training import ContinualLearner
+
+COMMON = ["train.progress=false", "train.device=cpu"]
+
+
+def learner_after(method: str, tasks: int, per_class: int, epochs: int, extra: list[str]) -> ContinualLearner:
+    """A learner of ``method`` that has learned ``tasks`` tasks of 2 random classes each."""
+    cfg = load_config(None, COMMON + [f"method.name={method}", f"train.epochs={epochs}"] + extra)
+    learner = ContinualLearner(cfg, num_tasks=tasks)
+    g = torch.Generator().manual_seed(0)
+    c, h, w = learner.backbone_info.input_size
+    for t in range(tasks):
+        classes = (2 * t, 2 * t + 1)
+        x = torch.randint(0, 256, (2 * per_class, c, h, w), generator=g, dtype=torch.uint8)
+        y = torch.tensor([classes[0]] * per_class + [classes[1]] * per_class)
+        learner.learn_task(TensorDataset(x, y), classes)
+    return learner
+
+
+def time_calls(fns: dict[str, callable], repeats: int) -> dict[str, float]:
+    """Median seconds per call of each function, calls interleaved round-robin."""
+    for fn in fns.values():  # warm-up
+        fn()
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def inference(learners: dict[str, ContinualLearner], repeats: int) -> dict:
+    out = {}
+    c, h, w = next(iter(learners.values())).backbone_info.input_size
+    for batch in (1, 64):
+        x = torch.randint(0, 256, (batch, c, h, w), dtype=torch.uint8)
+        fns = {name: (lambda l=l: l.predict(x)) for name, l in learners.items()}
+        frozen = learners["frozen"]
+        fns["backbone"] = lambda: frozen.model.features(x)
+        med = time_calls(fns, repeats if batch == 64 else repeats * 4)
+        per_image = {k: v / batch * 1e3 for k, v in med.items()}
+        out[f"batch_{batch}"] = {
+            "ms_per_image": per_image,
+            "duallora_over_backbone": med["duallora"] / med["backbone"],
+            "duallora_over_frozen": med["duallora"] / med["frozen"],
+            "duallora_over_inflora": med["duallora"] / med["inflora"],
+            "duallora_over_l2p": med["duallora"] / med["l2p"],
+        }
+    return out
+
+
+def training_step(rounds: int, per_class: int) -> dict:
+    """Seconds per training step on task 2 (its orthogonal and residual adapters, head), batch 128.
+
+    Each round builds DualLoRA, seq-lora and InfLoRA learners in turn on the same random data and
+    reads task 2's training time from the learner's record; medians over rounds.
+    """
+    names = ["duallora", "seq-lora", "inflora"]
+    per_step: dict[str, list[float]] = {n: [] for n in names}
+    saved: dict[str, int] = {}
+    for _ in range(rounds):
+        for name in names:
+            learner = learner_after(name, 1, per_class, 1, [])
+            method = learner.method
+            original = method.train_logits
+            calls = {"n": 0}
+
+            def measured(x, t, original=original, name=name, calls=calls):
+                calls["n"] += 1
+                if calls["n"] == 2:  # one forward's activations saved for backward
+                    box: dict[int, int] = {}
+                    with torch.autograd.graph.saved_tensors_hooks(lambda z: _note(box, z), lambda z: z):
+                        out = original(x, t)
+                    saved[name] = sum(box.values())
+                    return out
+                return original(x, t)
+
+            method.train_logits = measured  # type: ignore[method-assign]
+            c, h, w = learner.backbone_info.input_size
+            g = torch.Generator().manual_seed(1)
+            x = torch.randint(0, 256, (2 * per_class, c, h, w), generator=g, dtype=torch.uint8)
+            y = torch.tensor([100] * per_class + [101] * per_class)
+            record = learner.learn_task(TensorDataset(x, y), (100, 101))
+            steps = -(-2 * per_class // learner.cfg.train.batch_size)
+            per_step[name].append(record["train_time_s"] / steps)
+    med = {k: statistics.median(v) for k, v in per_step.items()}
+    return {
+        "ms_per_step": {k: v * 1e3 for k, v in med.items()},
+        "duallora_over_seq_lora": med["duallora"] / med["seq-lora"],
+        "duallora_over_inflora": med["duallora"] / med["inflora"],
+        "activation_mib": {k: v / 2**20 for k, v in saved.items()},
+        "activation_duallora_over_seq_lora": saved["duallora"] / saved["seq-lora"],
+    }
+
+
+def _note(box: dict[int, int], t: torch.Tensor) -> torch.Tensor:
+    """Record a saved tensor's storage size (each storage once)."""
+    try:
+        box[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    except RuntimeError:
+        pass
+    return t
+
+
+def statistics_share(tasks: int, per_class: int, epochs: int) -> dict:
+    """(task time - training time) / training time per task, DualLoRA at the given epochs."""
+    learner = learner_after("duallora", tasks, per_class, epochs, [])
+    shares = [(r["task_time_s"] - r["train_time_s"]) / r["train_time_s"] for r in learner.history]
+    return {"per_task": shares, "mean": statistics.mean(shares), "epochs": epochs,
+            "images_per_task": 2 * per_class}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=15, help="interleaved timing rounds (batch 1 uses 4x)")
+    parser.add_argument("--train-rounds", type=int, default=3, help="rounds of the training-step comparison")
+    parser.add_argument("--stat-images", type=int, default=2000, help="images per task for the statistics share")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs for the statistics share (default: the config's)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "speed.json")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    epochs = args.epochs or load_config(None).train.epochs
+    t0 = time.perf_counter()
+    names = ["duallora", "frozen", "inflora", "l2p"]
+    learners = {n: learner_after(n, args.tasks, 8, 1, []) for n in names}
+    result = {
+        "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()},
+        "tasks": args.tasks,
+        "inference": inference({k: learners[k] for k in ["duallora", "frozen", "inflora", "l2p"]}, args.repeats),
+        "training": training_step(args.train_rounds, per_class=512),
+        "statistics": statistics_share(2, args.stat_images // 2, epochs),
+    }
+    result["wall_time_s"] = time.perf_counter() - t0
+    inf, tr, st = result["inference"], result["training"], result["statistics"]
+    rows = [
+        ("inference, batch 1: DualLoRA / frozen backbone", inf["batch_1"]["duallora_over_backbone"], "<= 1.15"),
+        ("inference, batch 64: DualLoRA / frozen backbone", inf["batch_64"]["duallora_over_backbone"], "<= 1.15"),
+        ("inference, batch 1: DualLoRA / L2P", inf["batch_1"]["duallora_over_l2p"], "<= 0.60"),
+        ("inference, batch 64: DualLoRA / L2P", inf["batch_64"]["duallora_over_l2p"], "<= 0.60"),
+        ("inference, batch 1: DualLoRA / InfLoRA", inf["batch_1"]["duallora_over_inflora"], ""),
+        ("inference, batch 64: DualLoRA / InfLoRA", inf["batch_64"]["duallora_over_inflora"], ""),
+        ("training step: DualLoRA / seq-lora", tr["duallora_over_seq_lora"], "<= 1.10"),
+        ("training step: DualLoRA / InfLoRA", tr["duallora_over_inflora"], ""),
+        ("activation memory: DualLoRA / seq-lora", tr["activation_duallora_over_seq_lora"], ""),
+        (f"statistics + memory update / training time ({epochs} epochs)", st["mean"], "<= 0.10"),
+    ]
+    print(f"{'measure':62s} {'ratio':>7s}  target")
+    for name, value, target in rows:
+        print(f"{name:62s} {value:7.3f}  {target}")
+    print(f"ms per image (batch 64): " + ", ".join(f"{k} {v:.3f}" for k, v in inf["batch_64"]["ms_per_image"].items()))
+    print(f"ms per training step: " + ", ".join(f"{k} {v:.1f}" for k, v in tr["ms_per_step"].items()))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"written to {args.output} ({result['wall_time_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
