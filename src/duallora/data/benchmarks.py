@@ -51,6 +51,7 @@ from duallora.data.transforms import (
     describe_transform,
     to_uint8_chw,
 )
+from duallora.backbones import file_sha256  # noqa: F401 (re-exported: split files are hashed the same way)
 from duallora.errors import DataError
 
 
@@ -234,15 +235,6 @@ class ArrayImageDataset(BenchmarkDataset):
 
 
 # ------------------------------------------------------------------------------------- helpers
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _list_sha256(root: Path, items: Sequence[tuple[str, int]]) -> str:
