@@ -324,3 +324,16 @@ def test_format_metrics_table():
         "task_id_accuracy   97.50",
     ]
     assert not table.endswith("\n")
+
+
+def test_unfinished_run_is_not_silently_discarded(tmp_path):
+    final = tmp_path / "r"
+    first = RunDirectory(final)
+    write_text_atomic(first.path / "checkpoints" / "task_1.txt", "progress")
+    # a second run to the same output (interrupted first run, or one still running) is refused
+    with pytest.raises(CheckpointError, match="--resume"):
+        RunDirectory(final)
+    assert _files(first.path / "checkpoints") == {"task_1.txt": "progress"}
+    # resuming reopens it as it is; --overwrite discards it
+    assert RunDirectory(final, resume=True).path == first.path
+    assert list(RunDirectory(final, overwrite=True).path.iterdir()) == []

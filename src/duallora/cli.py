@@ -42,6 +42,8 @@ def user_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except DualLoRAError as exc:
             _fail(str(exc))
+        except OSError as exc:  # unwritable output, missing folder, a folder where a file is expected
+            _fail(f"{exc.strerror or exc}: {exc.filename or ''}; check the path and its permissions")
         except KeyboardInterrupt:
             _fail("interrupted; the unfinished run stays in <output>.partial, earlier outputs are untouched", 130)
 
@@ -54,7 +56,7 @@ def run(
     overrides: Optional[List[str]] = typer.Argument(
         None, help="Config overrides as key=value with dotted keys, e.g. train.epochs=1 method.name=frozen seed=3."
     ),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML preset, e.g. configs/fashion_mnist_5x2.yaml."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML preset, e.g. configs/default.yaml or configs/cifar100_10tasks.yaml."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run folder (default: runs/<method>-<dataset>-...-<time>)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder (only once this run succeeds)."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
@@ -73,7 +75,17 @@ def run(
     from duallora.errors import ConfigError
 
     given = config is not None or bool(overrides)
-    cfg = load_config(config, overrides or []) if (given or resume is None) else None
+    if resume is not None and config is None and overrides:
+        # overrides on a resumed run apply to the run's own config (and must not change its results)
+        stored = Path(str(resume) + ".partial") / "config.yaml"
+        cfg = load_config(stored if stored.is_file() else None, overrides)
+    elif resume is not None and not given:
+        stored = Path(str(resume) + ".partial") / "config.yaml"
+        cfg = None
+        if print_config and stored.is_file():
+            cfg = load_config(stored)
+    else:
+        cfg = load_config(config, overrides or [])
     if print_config:
         typer.echo(to_yaml(cfg if cfg is not None else load_config(None)))
         return
@@ -104,9 +116,12 @@ def evaluate(
     A run folder re-evaluates every task's checkpoint, which rebuilds the accuracy matrix and every
     metric of metrics.json.
     """
+    from duallora.errors import ConfigError
     from duallora.reporting import format_metrics_table, write_json_atomic
     from duallora.runner import evaluate_checkpoints
 
+    if output is not None and (output.is_dir() or output.name == "metrics.json"):
+        raise ConfigError(f"--output {output} must be a new JSON file (not a folder, not a run's metrics.json)")
     metrics = evaluate_checkpoints(checkpoint, echo=typer.echo, progress=progress, data_root=data_root)
     typer.echo(format_metrics_table(metrics))
     if output is not None:

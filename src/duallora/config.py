@@ -151,6 +151,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     Raises:
         ConfigError: naming the key, the bad value and what is allowed.
     """
+    if not 0 <= cfg.seed < 2**32:
+        raise ConfigError(f"seed={cfg.seed} must be an integer in [0, 2**32)")
+    if cfg.train.threads is not None and cfg.train.threads < 1:
+        raise ConfigError(f"train.threads={cfg.train.threads} must be >= 1 (or null for torch's default)")
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
         if value not in allowed:
@@ -288,8 +292,8 @@ def _friendly(exc: OmegaConfBaseException, source: str) -> ConfigError:
     msg = str(exc).splitlines()[0]
     if "Key" in type(exc).__name__ or "not in struct" in msg:
         return ConfigError(
-            f"unknown config key {key!r} in {source}; see `duallora run --help` or configs/default.yaml "
-            "for the valid keys"
+            f"unknown config key {key!r} in {source}; `duallora run --print-config` lists the valid keys "
+            "(commented in configs/default.yaml)"
         )
     return ConfigError(f"invalid value for {key!r} in {source}: {msg}")
 

@@ -329,7 +329,8 @@ class RunDirectory:
     """One run = one output folder, published only when the run succeeded.
 
     Everything of the run is written into the staging folder :attr:`path` = ``<final>.partial``
-    (created fresh; a stale one left by a crashed run is removed). :meth:`commit` then publishes it
+    (created fresh and exclusively; an unfinished one left by an interrupted run is refused unless
+    ``overwrite``, which discards it; ``resume`` reopens it). :meth:`commit` then publishes it
     under ``final`` with renames inside the same parent directory.
 
     Guarantees:
@@ -373,8 +374,17 @@ class RunDirectory:
             self.overwrite = True  # the interrupted run was allowed to start, so it may publish
             return
         self._check_final()
-        _remove(self.path)
-        self.path.mkdir(parents=True)
+        if self.path.exists():
+            if not self.overwrite:
+                raise CheckpointError(
+                    f"an unfinished run is in {self.path} (interrupted, or still running); continue it with "
+                    f"`duallora run --resume {self.final}`, or pass --overwrite to discard it and start over"
+                )
+            _remove(self.path)
+        try:
+            self.path.mkdir(parents=True)  # exclusive: a second run started at the same time fails here
+        except FileExistsError as exc:
+            raise CheckpointError(f"another run is writing {self.path}; choose another --output") from exc
 
     def _check_final(self) -> None:
         final = self.final
@@ -458,7 +468,9 @@ def format_metrics_table(metrics: Mapping[str, Any]) -> str:
             text = "n/a"
         elif isinstance(value, bool):
             continue
-        elif isinstance(value, (int, float)):
+        elif isinstance(value, int):
+            text = str(value)
+        elif isinstance(value, float):
             text = "n/a" if math.isnan(value) else f"{value:.2f}"
         else:
             continue

@@ -159,7 +159,7 @@ def run_experiment(cfg: Optional[RunConfig], output: Optional[Path] = None, *, o
         rundir = RunDirectory(output, overwrite=overwrite) if main else _Staging(output)
         distributed.barrier()
     stage = rundir.path
-    echo(f"duallora {cfg.method.name}: {cfg.data.dataset}, {scenario.num_tasks} tasks, "
+    echo(f"{cfg.method.name}: {cfg.data.dataset}, {scenario.num_tasks} tasks, "
          f"backbone {info.name} (sha256 {info.sha256[:12]}), seed {cfg.seed}")
     echo(f"class order: {scenario.class_order}")
 
@@ -307,6 +307,7 @@ def evaluate_checkpoints(path: Path, *, echo: Echo = print, progress: bool = Tru
         cfg = config_mod.from_dict(stored)
         # a fresh backbone per checkpoint: loading merges adapters into its weights in place
         learner = ContinualLearner.load(f, backbone=create_backbone(cfg.backbone.name, cfg.backbone.weights))
+        learner.progress = make_progress(progress)
         if scenario is None:
             scenario = build_scenario(cfg, learner.backbone_info)
         k = len(learner.task_classes)

@@ -102,6 +102,10 @@ class TaskSignatures:
         if self._cache is not None and self._cache["means"].device == device and self._cache["means"].dtype == dtype:
             return self._cache
         cache: dict[str, torch.Tensor] = {}
+        if not (torch.isfinite(self.means).all() and torch.isfinite(self.scatter).all()):
+            from duallora.errors import TrainingError
+
+            raise TrainingError("the task statistics are not finite: training diverged; lower train.lr")
         if self.score == "mahalanobis":
             dof = max(self.count - self.means.shape[0], 1)
             cov = self.scatter / dof
