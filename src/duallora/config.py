@@ -95,6 +95,8 @@ class TrainConfig:
     device: str = "auto"  #: auto | cpu | cuda | cuda:N | mps
     threads: Optional[int] = None  #: torch CPU threads; None = torch default
     progress: bool = True  #: show progress bars
+    precision: str = "fp32"  #: fp32 | bf16 | fp16 (autocast for training, statistics passes and inference; fp16 on CUDA only)
+    compile: bool = False  #: torch.compile the training forward (GPU runs; slow to start on a CPU)
 
 
 @dataclass
@@ -117,6 +119,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "method.calibration": ("none", "product", "hard"),
     "train.optimizer": ("adam", "adamw", "sgd"),
     "train.scheduler": ("cosine", "constant"),
+    "train.precision": ("fp32", "bf16", "fp16"),
 }
 ADAPTABLE_MODULES = ("qkv", "proj", "fc1", "fc2")
 

@@ -134,9 +134,14 @@ class TaskSignatures:
         return cache
 
     def task_distances(self, z: torch.Tensor) -> torch.Tensor:
-        """Per-task distance ``d_j(x)`` for features ``z`` (B, D) -> (B, T); smaller = more likely."""
+        """Per-task distance ``d_j(x)`` for features ``z`` (B, D) -> (B, T); smaller = more likely.
+
+        Computed in (at least) float32 even under autocast."""
         if self.num_tasks == 0:
             raise RuntimeError("no task statistics yet: learn a task first")
+        if z.dtype in (torch.float16, torch.bfloat16) or torch.is_autocast_enabled(z.device.type):
+            with torch.autocast(device_type=z.device.type, enabled=False):
+                return self.task_distances(z.float())
         c = self._prepare(z.device, z.dtype)
         T = self.num_tasks
         if self.score == "subspace":

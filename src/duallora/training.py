@@ -14,6 +14,7 @@ folder; see :mod:`duallora.runner`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -144,6 +145,8 @@ class ContinualLearner:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.device = distributed.local_device(device or select_device(cfg.train.device))
+        if cfg.train.precision == "fp16" and self.device.type != "cuda":
+            raise TrainingError("train.precision=fp16 needs a CUDA GPU; use bf16 or fp32 on this device")
         distributed.init(self.device)
         seed_everything(cfg.seed)
         model, info = backbone if backbone is not None else create_backbone(cfg.backbone.name, cfg.backbone.weights)
@@ -157,6 +160,16 @@ class ContinualLearner:
         self.progress = make_progress(cfg.train.progress)
 
     # ------------------------------------------------------------------ helpers
+    def autocast(self):
+        """The precision policy (``train.precision``) for training, statistics passes and inference:
+        a ``torch.autocast`` context for bf16/fp16, a no-op for fp32. Statistics are still summed in
+        float64 and task posteriors computed in float32."""
+        precision = self.cfg.train.precision
+        if precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
     @property
     def seen_labels(self) -> list[int]:
         """Dataset label ids of all seen classes, in position order."""
@@ -215,7 +228,8 @@ class ContinualLearner:
                           stats_loader=stats_loader, device=self.device, progress=self.progress)
         start = time.perf_counter()
         self.model.eval()  # the backbone has no dropout we want; adapters have none
-        begin_info = self.method.begin_task(ctx)
+        with self.autocast():
+            begin_info = self.method.begin_task(ctx)
         groups = self.method.param_groups(t)
         trainable = [p for g in groups.values() for p in g]
         # a method without trainable parameters (simplecil, fecam) learns in end_task: no epochs, no
@@ -236,6 +250,9 @@ class ContinualLearner:
             # gradients of the task's trainable parameters are averaged over the processes
             forward = DistributedDataParallel(forward, find_unused_parameters=True,
                                               device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if tc.compile and trainable:
+            forward = torch.compile(forward)  # type: ignore[assignment]
+        scaler = torch.amp.GradScaler(self.device.type) if tc.precision == "fp16" and trainable else None
         losses: list[float] = [] if trainable else [float("nan")]
         train_start = time.perf_counter()
         step = 0
@@ -245,7 +262,8 @@ class ContinualLearner:
             bar = self.progress(loader, f"task {t + 1} epoch {epoch + 1}/{tc.epochs}")
             for x, y in bar:
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                logits = forward(x)
+                with self.autocast():
+                    logits = forward(x)
                 loss = F.cross_entropy(logits, y)
                 if not torch.isfinite(loss):
                     raise TrainingError(
@@ -253,8 +271,13 @@ class ContinualLearner:
                         f"lower train.lr (now {tc.lr}) or check the data"
                     )
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    opt.step()
                 if sched is not None:
                     sched.step()
                 step += 1
@@ -267,7 +290,8 @@ class ContinualLearner:
         for p in trainable:
             p.grad = None
         end_start = time.perf_counter()
-        end_info = self.method.end_task(ctx)
+        with self.autocast():
+            end_info = self.method.end_task(ctx)
         end_time = time.perf_counter() - end_start
         self.task_classes.append(classes)
         record = {
@@ -297,7 +321,8 @@ class ContinualLearner:
         if not self.task_classes:
             raise RuntimeError("learn a task before predicting")
         self.model.eval()
-        out = self.method.infer(images.to(self.device))
+        with self.autocast():
+            out = self.method.infer(images.to(self.device))
         positions = out.probs.argmax(dim=1)
         conf, tasks = out.task_posterior.max(dim=1)
         lookup = torch.tensor(self.seen_labels, device=positions.device)
