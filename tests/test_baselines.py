@@ -12,12 +12,13 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from duallora.backbones import BackboneInfo, create_backbone, state_dict_sha256
+from duallora.backbones import create_backbone
 from duallora.baselines import L2P, FeCAM, InfLoRA, Joint, LowRankBranches, SDLoRA, SimpleCIL, _AddAuxLoss
 from duallora.config import load_config
 from duallora.errors import ConfigError
 from duallora.methods import METHODS, build_method
 from duallora.training import ContinualLearner
+from tests.synthetic import TASKS, make_data, small_backbone
 
 BASE = [
     "train.progress=false",
@@ -30,41 +31,9 @@ BASE = [
 ]
 BASELINES = ["inflora", "sd-lora", "l2p", "simplecil", "fecam", "joint"]
 TRAINING_FREE = {"simplecil", "fecam"}
-TASKS = [(7, 3), (0, 9), (5, 1)]
 
 
 # ---------------------------------------------------------------------- helpers
-def small_backbone(seed: int = 0, dim: int = 32, depth: int = 2):
-    """A random timm ViT (28x28x1, patch 7 -> 16 patches + class token), frozen, with its record."""
-    from timm.models.vision_transformer import VisionTransformer
-
-    torch.manual_seed(seed)
-    model = VisionTransformer(img_size=28, patch_size=7, in_chans=1, embed_dim=dim, depth=depth,
-                              num_heads=2, num_classes=0)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model.eval()
-    info = BackboneInfo(name=f"test_vit_{dim}x{depth}", weights_path=None, sha256=state_dict_sha256(model),
-                        sha256_of="state_dict", input_size=(1, 28, 28), mean=(0.5,), std=(0.5,), embed_dim=dim)
-    return model, info
-
-
-def pattern(c: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(1000 + c)
-    return (torch.rand(28, 28, generator=g) > 0.5).float()
-
-
-def make_data(classes, per_class: int, seed: int = 0) -> TensorDataset:
-    """uint8 images (N, 1, 28, 28): the class pattern at 200 plus uniform noise in [0, 40)."""
-    g = torch.Generator().manual_seed(seed)
-    xs, ys = [], []
-    for c in classes:
-        noise = torch.rand(per_class, 28, 28, generator=g) * 40.0
-        xs.append((pattern(c) * 200.0 + noise).clamp(0, 255).to(torch.uint8).unsqueeze(1))
-        ys.append(torch.full((per_class,), c, dtype=torch.long))
-    return TensorDataset(torch.cat(xs), torch.cat(ys))
-
-
 def make_learner(method: str, overrides=(), backbone=None, num_tasks: int = 3) -> ContinualLearner:
     cfg = load_config(None, BASE + [f"method.name={method}"] + list(overrides))
     return ContinualLearner(cfg, num_tasks=num_tasks, backbone=backbone or small_backbone(),

@@ -6,7 +6,7 @@ import torch
 from duallora.config import load_config
 from duallora.errors import TrainingError
 from duallora.training import ContinualLearner
-from tests.test_methods import TASKS, images_of, make_data, small_backbone
+from tests.synthetic import TASKS, images_of, make_data, small_backbone
 
 BASE = ["train.progress=false", "train.epochs=1", "train.batch_size=10", "train.device=cpu", "train.lr=0.01",
         "train.threads=1", "method.gate_layer=1"]
