@@ -216,3 +216,38 @@ def test_shape_errors():
     layer.add_residual(1, torch.zeros(D_IN, 2))
     with pytest.raises(ValueError):
         layer.add_residual(1, torch.zeros(D_IN, 2))  # task already has one
+
+
+def test_residual_stack_cache_follows_edits_and_keeps_gradients():
+    layer = AdaptedLinear(make_base())
+    g = torch.Generator().manual_seed(3)
+    P1 = torch.linalg.qr(torch.randn(D_IN, 2, generator=g)).Q
+    P2 = torch.linalg.qr(torch.randn(D_IN, 3, generator=g)).Q
+    B1 = layer.add_residual(1, P1)
+    with torch.no_grad():
+        B1.copy_(torch.randn(D_OUT, 2, generator=g))
+    layer.freeze_residuals()
+    B2 = layer.add_residual(2, P2)  # trainable: never served from the cache with autograd on
+    h = tokens(batch=2)
+    gates = torch.tensor([[1.0, 0.5], [0.0, 1.0]])
+    layer.gate_fn = lambda x: gates
+
+    def expected() -> torch.Tensor:
+        out = layer.base(h)
+        for i in range(2):
+            out[i] = out[i] + gates[i, 0] * (h[i] @ P1) @ B1.detach().T + gates[i, 1] * (h[i] @ P2) @ B2.detach().T
+        return out
+
+    P, B, cols = layer.residual_stack()
+    assert P.shape == (D_IN, 5) and B.shape == (D_OUT, 5)
+    assert cols.tolist() == [0, 0, 1, 1, 1]
+    layer(h).sum().backward()  # gradients reach the trainable B_2 through the stacked factors
+    assert B2.grad is not None and B2.grad.abs().sum() > 0
+    with torch.no_grad():
+        first = layer(h)
+        assert torch.allclose(first, expected(), atol=1e-5)
+        B2.add_(1.0)  # an optimiser step: in place, bumps the version counter -> the cache is rebuilt
+        second = layer(h)
+        assert torch.allclose(second, expected(), atol=1e-5)
+        assert not torch.allclose(first, second, atol=1e-3)
+        assert layer.residual_stack()[1] is layer.residual_stack()[1]  # cached while nothing changes

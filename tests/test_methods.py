@@ -343,6 +343,20 @@ def test_calibrate_hand_examples():
         calibrate(logits, posterior, sizes, "soft")
 
 
+@pytest.mark.parametrize("mode", ["product", "hard"])
+def test_calibrate_equal_task_sizes_matches_per_task_softmax(mode):
+    # the equal-size fast path (one softmax over a (B, T, C_t) view) = the per-task definition
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 6, generator=g)
+    posterior = torch.softmax(torch.randn(4, 3, generator=g), dim=1)
+    posterior[0] = torch.tensor([0.95, 0.03, 0.02])  # one confident row for "hard"
+    within = torch.cat([torch.softmax(c, dim=1) for c in logits.split([2, 2, 2], dim=1)], dim=1)
+    expected = within * posterior.repeat_interleave(2, dim=1)
+    if mode == "hard":
+        expected[0] = torch.cat([within[0, :2], torch.zeros(4)])
+    assert torch.allclose(calibrate(logits, posterior, [2, 2, 2], mode, threshold=0.9), expected, atol=1e-6)
+
+
 # ---------------------------------------------------------------------- divergence
 def test_nan_loss_raises_training_error():
     learner = make_learner(["train.lr=1e30", "train.batch_size=4"])
@@ -476,3 +490,24 @@ def test_calibration_none_is_plain_softmax_of_logits():
     with torch.no_grad():
         logits = learner.model.head_logits(method._dynamic_features(x))
     assert torch.allclose(got, torch.softmax(logits, 1), atol=1e-6)
+
+
+# ---------------------------------------------------------------------- statistics subset
+def test_stat_images_subsamples_statistics_passes_deterministically():
+    from duallora.errors import ConfigError
+
+    def gate_signatures(overrides):
+        learner = make_learner(overrides)
+        learner.learn_task(make_data(TASKS[0], per_class=10), TASKS[0])
+        return learner.method.signatures["gate"]
+
+    sub = gate_signatures(["method.stat_images=7"])
+    assert sub.count == 7  # 7 of the task's 20 images fed the statistics
+    again = gate_signatures(["method.stat_images=7"])
+    assert torch.equal(sub.means, again.means) and torch.equal(sub.scatter, again.scatter)
+    assert gate_signatures(["method.stat_images=null"]).count == 20
+    assert gate_signatures([]).count == 20  # default 2000 > the task's 20 images: all of them
+    with pytest.raises(ConfigError, match="stat_images"):
+        load_config(None, ["method.stat_images=0"])
+    with pytest.raises(ConfigError, match="does not use it"):  # fecam's classifier is its statistics
+        load_config(None, ["method.name=fecam", "method.stat_images=5"])

@@ -62,6 +62,7 @@ class AdaptedLinear(nn.Module):
         self.gate_fn: Optional[GateFn] = None
         self.fixed_gates: Optional[torch.Tensor] = None
         self.recorder: Optional[Callable[[torch.Tensor], None]] = None
+        self._res_stack: Optional[tuple[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = None
 
     # ------------------------------------------------------------------ construction
     def add_orthogonal(self, A: torch.Tensor) -> nn.Parameter:
@@ -111,6 +112,7 @@ class AdaptedLinear(nn.Module):
         B = nn.Parameter(torch.zeros(self.out_features, P.shape[1], device=w.device, dtype=w.dtype))
         self.res_B.append(B)
         self.res_tasks.append(task)
+        self._res_stack = None
         return B
 
     def add_lora(self, rank: int, generator: Optional[torch.Generator] = None) -> list[nn.Parameter]:
@@ -133,6 +135,30 @@ class AdaptedLinear(nn.Module):
             B.requires_grad_(False)
 
     # ------------------------------------------------------------------ forward
+    def residual_stack(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The residual adapters side by side: ``P`` (d_in, R), ``B`` (d_out, R) and the adapter
+        index of each of the R rank columns (R,) (``R = sum_j r_j``).
+
+        Without autograd (inference, statistics passes) or once every ``B_j`` is frozen the result is
+        cached; the cache is keyed on the tensors' identity and in-place version counters, so adding,
+        loading or editing an adapter (an optimiser step included), moving the layer to another
+        device or dtype all rebuild it. With autograd on and some ``B_j`` trainable it is rebuilt on
+        every call, so that gradients reach it.
+        """
+        params = list(self.res_P) + list(self.res_B)
+        cacheable = not torch.is_grad_enabled() or not any(p.requires_grad for p in params)
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        if cacheable and self._res_stack is not None and self._res_stack[0] == key:
+            return self._res_stack[1]
+        P = torch.cat(list(self.res_P), dim=1)
+        B = torch.cat(list(self.res_B), dim=1)
+        ranks = torch.tensor([p.shape[1] for p in self.res_P], device=P.device)
+        cols = torch.repeat_interleave(torch.arange(len(self.res_P), device=P.device), ranks)
+        stack = (P, B, cols)
+        if cacheable:
+            self._res_stack = (key, stack)
+        return stack
+
     def residual_gates(self, h: torch.Tensor) -> Optional[torch.Tensor]:
         """Gates ``(B, J)`` (or ``(J,)`` when fixed) for this input, or None when no residual is active."""
         if not self.res_tasks:
@@ -158,10 +184,8 @@ class AdaptedLinear(nn.Module):
                 for j in torch.nonzero(gates).flatten().tolist():
                     y = y + gates[j] * F.linear(h @ self.res_P[j], self.res_B[j])
             else:
-                P = torch.cat(list(self.res_P), dim=1)  # (d_in, R)
-                Bcat = torch.cat(list(self.res_B), dim=1)  # (d_out, R)
-                ranks = torch.tensor([p.shape[1] for p in self.res_P], device=gates.device)
-                g = torch.repeat_interleave(gates, ranks, dim=1).to(h.dtype)  # (B, R)
+                P, Bcat, cols = self.residual_stack()  # (d_in, R), (d_out, R), (R,)
+                g = gates.index_select(1, cols).to(h.dtype)  # (B, R): each rank column's gate
                 z = h @ P
                 shape = (g.shape[0],) + (1,) * (z.ndim - 2) + (g.shape[1],)
                 y = y + F.linear(z * g.view(shape), Bcat)

@@ -64,6 +64,7 @@ class MethodConfig:
     energy_threshold_start: float = 0.95  #: eps_1 of the GPM energy criterion
     energy_threshold_end: float = 0.99  #: eps_T; eps_t rises linearly in between
     stat_tokens: str = "all"  #: all | cls: tokens that feed the memory's Gram matrices
+    stat_images: Optional[int] = 2000  #: images per task seen by the statistics passes (a seeded random subset); None = all
     gate: str = "shared"  #: shared | soft | hard: dynamic-memory gate type
     gate_layer: int = 2  #: gate=shared: gate from the mean tokens entering blocks 0..gate_layer; residual adapters in blocks >= gate_layer
     task_id_features: str = "auto"  #: auto | gate | final: task posterior used for calibration (auto: gate when gate=shared, else final)
@@ -132,7 +133,7 @@ METHOD_KEYS: dict[str, set[str]] = {
     "frozen": set(),
     "seq-lora": {"adapted_modules", "rank_orthogonal"},
     # baselines (duallora.baselines)
-    "inflora": {"adapted_modules", "rank_orthogonal", "energy_threshold_start", "energy_threshold_end"},
+    "inflora": {"adapted_modules", "rank_orthogonal", "energy_threshold_start", "energy_threshold_end", "stat_images"},
     "sd-lora": {"adapted_modules", "rank_orthogonal"},
     "l2p": set(L2P_KEYS),
     "simplecil": {"tau_id"},
@@ -187,6 +188,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}={value} must be a positive integer")
+    if cfg.method.stat_images is not None and cfg.method.stat_images < 1:
+        raise ConfigError(f"method.stat_images={cfg.method.stat_images} must be a positive integer or null (all images)")
     if cfg.train.lr <= 0 or (cfg.train.head_lr is not None and cfg.train.head_lr <= 0):
         raise ConfigError("train.lr and train.head_lr must be > 0")
     if cfg.method.task_id_features == "gate" and cfg.method.gate != "shared":

@@ -366,6 +366,7 @@ class DualLoRA(ContinualMethod):
     # inference -----------------------------------------------------------------------
     def _gate_fn(self, name: str, layer_tasks: list[int]):
         cfg = self.cfg
+        index = torch.tensor(layer_tasks, device=self.model.adapted[name].base.weight.device)
 
         def gate(h: torch.Tensor) -> torch.Tensor:
             if cfg.gate == "shared":
@@ -377,6 +378,8 @@ class DualLoRA(ContinualMethod):
                 if cfg.gate == "hard":
                     post = torch.nn.functional.one_hot(post.argmax(1), post.shape[1]).to(post.dtype)
             n_known = post.shape[1]
+            if layer_tasks[-1] < n_known:  # inference: every residual's task has its statistics
+                return post.index_select(1, index)
             # a task whose statistics are not in yet (during its own end_task pass) has gate 0
             cols = [post[:, j] if j < n_known else torch.zeros_like(post[:, 0]) for j in layer_tasks]
             return torch.stack(cols, dim=1)
@@ -469,7 +472,14 @@ def calibrate(logits: torch.Tensor, posterior: torch.Tensor, sizes: list[int], m
         return torch.softmax(logits, dim=1)
     if mode not in ("product", "hard"):
         raise ValueError(f"unknown calibration {mode!r}")
-    within = torch.cat([torch.softmax(chunk, dim=1) for chunk in logits.split(sizes, dim=1)], dim=1)
+    if len(set(sizes)) == 1:  # equal task sizes: one softmax over a (B, T, C_t) view
+        B, T = logits.shape[0], len(sizes)
+        within3 = torch.softmax(logits.view(B, T, sizes[0]), dim=2)
+        within = within3.view(B, -1)
+        if mode == "product":
+            return (within3 * posterior[:, :, None]).view(B, -1)
+    else:
+        within = torch.cat([torch.softmax(chunk, dim=1) for chunk in logits.split(sizes, dim=1)], dim=1)
     idx = _class_task_index(sizes, logits.device)
     probs = within * posterior[:, idx]
     if mode == "hard":

@@ -14,6 +14,7 @@ from typing import Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from duallora.adapters import AdaptedLinear
 
@@ -53,6 +54,7 @@ class AdaptedViT(nn.Module):
                 setattr(parent, attr, wrapped)
                 self.adapted[f"blocks.{i}.{MODULE_PATHS[key]}"] = wrapped
         self.heads = nn.ModuleList()
+        self._head_stack: tuple | None = None
 
     # ------------------------------------------------------------------ layers
     def adapted_layers(self) -> Iterator[tuple[str, AdaptedLinear]]:
@@ -70,6 +72,7 @@ class AdaptedViT(nn.Module):
         p = next(self.backbone.parameters())
         head = head.to(device=p.device, dtype=p.dtype)
         self.heads.append(head)
+        self._head_stack = None
         return head
 
     @property
@@ -93,7 +96,22 @@ class AdaptedViT(nn.Module):
         """Logits of one task's head (B, C_t), or of all heads concatenated (B, sum C_t)."""
         if task is not None:
             return self.heads[task](feats)
-        return torch.cat([h(feats) for h in self.heads], dim=1)
+        weight, bias = self._stacked_heads()
+        return F.linear(feats, weight, bias)
+
+    def _stacked_heads(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every head's weight (sum C_t, D) and bias (sum C_t,) stacked; one matrix product at
+        inference instead of one per task. Cached without autograd, keyed on the parameters'
+        identity and in-place version counters (an optimiser step or a load rebuilds it)."""
+        params = [p for h in self.heads for p in (h.weight, h.bias)]
+        cacheable = not torch.is_grad_enabled()
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        if cacheable and self._head_stack is not None and self._head_stack[0] == key:
+            return self._head_stack[1]
+        stack = (torch.cat([h.weight for h in self.heads]), torch.cat([h.bias for h in self.heads]))
+        if cacheable:
+            self._head_stack = (key, stack)
+        return stack
 
     def set_fixed_gates(self, task: int | None) -> None:
         """Gate the residual adapters for every image alike: task ``task`` on, others off.

@@ -188,6 +188,21 @@ class ContinualLearner:
             dataset = Subset(dataset, distributed.shard(range(len(dataset))))  # type: ignore[arg-type]
         return DataLoader(dataset, batch_size=batch_size, shuffle=False, **common)
 
+    def _statistics_subset(self, data: Dataset, task: int) -> Dataset:
+        """The images of task ``task`` that the statistics passes see (``method.stat_images``).
+
+        Methods that read ``stat_images`` (config.METHOD_KEYS) get a random subset of that many
+        images, drawn with a generator seeded by (seed, task) and kept in dataset order, so that a
+        resumed or distributed run sees the same subset. Other methods (e.g. fecam, simplecil, whose
+        classifier *is* the statistics) and ``stat_images=None`` get every image.
+        """
+        n = self.cfg.method.stat_images
+        if n is None or "stat_images" not in config_mod.METHOD_KEYS[self.cfg.method.name] or n >= len(data):
+            return data
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + task * 101 + 3)
+        keep = torch.randperm(len(data), generator=g)[:n].sort().values.tolist()
+        return Subset(data, keep)
+
     def _optimizer(self, groups: dict[str, list[nn.Parameter]]) -> torch.optim.Optimizer:
         tc = self.cfg.train
         head_lr = tc.head_lr if tc.head_lr is not None else tc.lr
@@ -223,7 +238,7 @@ class ContinualLearner:
         t = len(self.task_classes)
         tc = self.cfg.train
         data = _LocalLabels(train_data, {c: i for i, c in enumerate(classes)})
-        stats_loader = self._loader(data, tc.eval_batch_size, shuffle=False)
+        stats_loader = self._loader(self._statistics_subset(data, t), tc.eval_batch_size, shuffle=False)
         ctx = TaskContext(task=t, num_classes=len(classes), num_tasks=self.num_tasks,
                           stats_loader=stats_loader, device=self.device, progress=self.progress)
         start = time.perf_counter()
@@ -320,13 +335,14 @@ class ContinualLearner:
         """
         if not self.task_classes:
             raise RuntimeError("learn a task before predicting")
-        self.model.eval()
+        if self.model.training:
+            self.model.eval()
         with self.autocast():
             out = self.method.infer(images.to(self.device))
         positions = out.probs.argmax(dim=1)
         conf, tasks = out.task_posterior.max(dim=1)
-        lookup = torch.tensor(self.seen_labels, device=positions.device)
-        return Prediction(labels=lookup[positions].cpu(), positions=positions.cpu(), tasks=tasks.cpu(),
+        lookup = torch.tensor(self.seen_labels)
+        return Prediction(labels=lookup[positions.cpu()], positions=positions.cpu(), tasks=tasks.cpu(),
                           confidence=conf.cpu(), probs=out.probs.cpu())
 
     @torch.no_grad()
