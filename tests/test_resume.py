@@ -20,7 +20,8 @@ pytestmark = pytest.mark.skipif(not (SHIPPED_WEIGHTS.is_file() and FMNIST.is_fil
 
 SMALL = ["data.train_per_class=40", "data.test_per_class=10", "train.epochs=2", "train.progress=false",
          "train.batch_size=16", "train.threads=1"]
-TIMING = {"train_time_s", "eval_time_s", "wall_time_s", "resumed_after_task", "output"}
+TIMING = {"train_time_s", "eval_time_s", "final_eval_time_s", "inference_ms_per_image", "wall_time_s",
+          "resumed_after_task", "output"}
 
 
 def invoke(*args: str):

@@ -1,7 +1,8 @@
 """The ``duallora`` command line (also ``python -m duallora``).
 
-Commands: ``run`` (learn a class-incremental scenario), ``evaluate`` (re-evaluate saved checkpoints),
-``pretrain`` (regenerate the shipped MNIST-pre-trained backbone). A user error prints one line
+Commands: ``run`` (learn a class-incremental scenario), ``compare`` (several methods/ablations x seeds
+with a summary), ``evaluate`` (re-evaluate saved checkpoints), ``pretrain`` (regenerate the shipped
+MNIST-pre-trained backbone). A user error prints one line
 ``error: ...`` naming the cause and the fix and exits with status 2; an interrupted run exits 130.
 """
 
@@ -101,6 +102,70 @@ def run(
     if "output" in metrics:  # under torchrun only rank 0 writes and reports
         typer.echo(format_metrics_table(metrics))
         typer.echo(f"outputs written to {metrics['output']}")
+
+
+@app.command(context_settings={"allow_extra_args": False})
+@user_errors
+def compare(
+    args: Optional[List[str]] = typer.Argument(
+        None, metavar="[SPEC] KEY=VALUE",
+        help="A compare spec file (YAML, e.g. configs/compare/default.yaml), then config overrides key=value "
+        "applied to every variant after the spec's own `overrides` (e.g. train.threads=1)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Compare folder: runs/<variant>/seed-<s>/ and the summary."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="Seeds for every variant, e.g. 0,1,2 (replaces the spec's)."),
+    only: Optional[List[str]] = typer.Option(
+        None, "--only", help="Run only these variants, e.g. --only duallora,fecam (the summary still lists "
+        "the others' finished runs)."),
+    methods: Optional[str] = typer.Option(
+        None, "--methods", help="Instead of a spec: one variant method.name=X per method, e.g. duallora,fecam,frozen."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Rerun runs whose existing folder has a different config (or an unfinished run "
+        "of a different config); finished runs of the same config are still reused."),
+    progress: Optional[bool] = typer.Option(
+        None, "--progress/--no-progress", help="Show or hide progress bars (default: the config's train.progress)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (variant, seed, folder, reused/to run) and exit."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print each run's per-task lines."),
+) -> None:
+    """Run several methods or DualLoRA ablations over several seeds and summarise them.
+
+    Every variant x seed is an ordinary run folder DIR/runs/<variant>/seed-<s>. All configs are
+    composed and validated before anything runs. A finished run of the same config is reused, an
+    interrupted one resumed; a failed run is reported and the others go on (exit status 1 at the end).
+    After every run DIR/runs.csv, summary.csv, summary.md and comparison.png are rewritten.
+
+    Examples:
+
+    duallora compare configs/compare/default.yaml -o runs/compare train.threads=1
+
+    duallora compare --methods duallora,fecam,frozen --seeds 0,1 -o runs/quick train.epochs=1
+    """
+    from duallora.compare import load_spec, parse_names, parse_seeds, run_compare, spec_from_methods
+    from duallora.errors import ConfigError
+
+    items = list(args or [])
+    paths = [a for a in items if "=" not in a]
+    overrides = [a for a in items if "=" in a]
+    if len(paths) > 1:
+        raise ConfigError(f"give one compare spec file, not {len(paths)} ({', '.join(paths)}); overrides are key=value")
+    seed_list = parse_seeds(seeds) if seeds is not None else None
+    if methods is not None:
+        if paths:
+            raise ConfigError(f"give a spec file ({paths[0]}) or --methods, not both; "
+                              "use --only to run some of a spec's variants")
+        spec = spec_from_methods(parse_names([methods]), seed_list or (0,))
+    elif paths:
+        spec = load_spec(paths[0])
+    else:
+        raise ConfigError("nothing to compare: give a spec file (e.g. configs/compare/default.yaml) "
+                          "or --methods duallora,frozen")
+    if progress is not None:
+        overrides.append(f"train.progress={str(progress).lower()}")
+    result = run_compare(spec, output, seeds=seed_list, extra_overrides=overrides, only=parse_names(only),
+                         overwrite=overwrite, dry_run=dry_run, echo=typer.echo, verbose=verbose)
+    if result.failed:
+        failed = ", ".join(f"{v} seed {s}" for v, s, _ in result.failed)
+        _fail(f"{len(result.failed)} of {len(result.planned)} runs failed ({failed}); the summary in {output} "
+              "covers the finished runs; fix the cause and rerun the same command to run the rest", 1)
 
 
 @app.command()

@@ -167,6 +167,8 @@ def run_experiment(cfg: Optional[RunConfig], output: Optional[Path] = None, *, o
     task_id_rows: list[float] = []
     train_time = 0.0
     eval_time = 0.0
+    last_eval_s: Optional[float] = None  # wall time of the latest evaluation (all tasks seen so far)
+    last_eval_images: Optional[int] = None  # test images it predicted
     done = find_checkpoints(stage / "checkpoints") if resume and (stage / "checkpoints").is_dir() else []
     if done and any((stage / "checkpoints").iterdir()):
         last = done[-1]
@@ -179,6 +181,8 @@ def run_experiment(cfg: Optional[RunConfig], output: Optional[Path] = None, *, o
         task_id_rows = list(extra.get("task_id_accuracy_rows", []))
         train_time = float(extra.get("train_time_s", 0.0))
         eval_time = float(extra.get("eval_time_s", 0.0))
+        last_eval_s = extra.get("last_eval_time_s")
+        last_eval_images = extra.get("last_eval_images")
         expected = [list(t.classes) for t in scenario.tasks[: len(learner.task_classes)]]
         if expected != [list(c) for c in learner.task_classes] or len(rows) != len(learner.task_classes):
             raise CheckpointError(f"{last} does not match the scenario rebuilt from the run's config")
@@ -196,14 +200,17 @@ def run_experiment(cfg: Optional[RunConfig], output: Optional[Path] = None, *, o
         train_time += record["task_time_s"]
         e0 = time.perf_counter()
         ev = learner.evaluate([scenario.test_dataset(i) for i in range(t + 1)])
-        eval_time += time.perf_counter() - e0
+        last_eval_s = time.perf_counter() - e0
+        last_eval_images = int(sum(ev["total"]))
+        eval_time += last_eval_s
         rows.append(ev["accuracy"])
         task_id_rows.append(ev["task_id_accuracy"])
         record["evaluation"] = ev
         if main:
             learner.save(stage / "checkpoints" / f"task_{t + 1}.safetensors",
                          extra={"accuracy_rows": rows, "task_id_accuracy_rows": task_id_rows,
-                                "train_time_s": train_time, "eval_time_s": eval_time})
+                                "train_time_s": train_time, "eval_time_s": eval_time,
+                                "last_eval_time_s": last_eval_s, "last_eval_images": last_eval_images})
         seen = sum(c for c in ev["correct"]) / max(sum(ev["total"]), 1) * 100
         mem = record.get("memory_size")
         mem_txt = f", memory dims {min(mem.values())}-{max(mem.values())}" if mem else ""
@@ -230,6 +237,10 @@ def run_experiment(cfg: Optional[RunConfig], output: Optional[Path] = None, *, o
         "seed": cfg.seed,
         "train_time_s": train_time,
         "eval_time_s": eval_time,
+        # the final task's evaluation (every test image of every task): wall time and per image
+        "final_eval_time_s": last_eval_s,
+        "inference_ms_per_image": (1000.0 * last_eval_s / last_eval_images
+                                   if last_eval_s is not None and last_eval_images else None),
         "wall_time_s": time.perf_counter() - wall_start,
         "resumed_after_task": start_task if resume else None,
         "device": str(learner.device),
