@@ -254,6 +254,7 @@ class DualLoRA(ContinualMethod):
             self.signatures["final"] = TaskSignatures(model.embed_dim, **kw)
         self.last_info: dict = {}
         self._shared: Optional[torch.Tensor] = None
+        self._gate_fns: Optional[tuple[tuple, dict]] = None
 
     # statistics ----------------------------------------------------------------------
     @torch.no_grad()
@@ -407,8 +408,12 @@ class DualLoRA(ContinualMethod):
 
             for i, layer in enumerate(inputs):
                 layer.recorder = make_gate_recorder(i)
+        key = (x.device,) + tuple(tuple(layer.res_tasks) for _, layer in self.model.adapted_layers())
+        if self._gate_fns is None or self._gate_fns[0] != key:  # built once per residual structure
+            self._gate_fns = (key, {name: self._gate_fn(name, list(layer.res_tasks))
+                                    for name, layer in self.model.adapted_layers() if layer.res_tasks})
         for name, layer in self.model.adapted_layers():
-            layer.gate_fn = self._gate_fn(name, list(layer.res_tasks)) if layer.res_tasks else None
+            layer.gate_fn = self._gate_fns[1].get(name)
         self._shared = None
         try:
             return self.model.features(x)
