@@ -303,6 +303,16 @@ def test_predict_returns_dataset_label_ids():
     assert row["accuracy"] == [100.0, 100.0]
     assert row["total"] == [10, 10]
     assert row["task_id_accuracy"] == 100.0
+    # numpy input, one image without a batch axis, and [0, 1] floats give the same predictions
+    assert torch.equal(learner.predict(x.numpy()).labels, pred.labels)
+    assert torch.equal(learner.predict(x[3]).labels, pred.labels[3:4])
+    assert torch.equal(learner.predict(x.float() / 255).labels, pred.labels)
+    with pytest.raises(ValueError, match="divide 0-255 values by 255"):
+        learner.predict(x.float())
+    with pytest.raises(ValueError, match="input size"):
+        learner.predict(x[:, :, :14, :14])
+    with pytest.raises(ValueError, match="uint8 or float"):
+        learner.predict(x.long())
 
 
 def test_learn_task_rejects_bad_labels():
@@ -511,3 +521,12 @@ def test_stat_images_subsamples_statistics_passes_deterministically():
         load_config(None, ["method.stat_images=0"])
     with pytest.raises(ConfigError, match="does not use it"):  # fecam's classifier is its statistics
         load_config(None, ["method.name=fecam", "method.stat_images=5"])
+
+
+def test_rank_above_layer_width_is_a_config_error():
+    from duallora.errors import ConfigError
+
+    width = small_backbone()[1].embed_dim  # 32: the qkv layers' input width
+    with pytest.raises(ConfigError, match="rank_orthogonal=999 exceeds the input width"):
+        make_learner(["method.rank_orthogonal=999"])
+    make_learner([f"method.rank_orthogonal={width}"])  # the full width is allowed

@@ -219,6 +219,7 @@ def run_experiment(cfg: Optional[RunConfig], output: Optional[Path] = None, *, o
              f"({record['task_time_s']:.1f}s)")
 
     R = build_matrix(rows)
+    data_record = scenario.record()
     metrics: dict[str, Any] = compute_metrics(R, test_sizes, task_id_accuracy=task_id_rows[-1])
     metrics.update({
         "accuracy_matrix": [[None if np.isnan(v) else float(v) for v in row] for row in R],
@@ -227,8 +228,8 @@ def run_experiment(cfg: Optional[RunConfig], output: Optional[Path] = None, *, o
         "test_images_per_task": test_sizes,
         "method": cfg.method.name,
         "dataset": cfg.data.dataset,
-        "data_root": cfg.data.root,
-        "data_record": scenario.record(),
+        "data_root": data_record.get("root") or cfg.data.root,  # the folder actually read
+        "data_record": data_record,
         "train_images_per_task": [len(scenario.train_dataset(t)) for t in range(scenario.num_tasks)],
         "class_order": scenario.class_order,
         "backbone": info.name,

@@ -32,7 +32,7 @@ from duallora import config as config_mod
 from duallora import distributed
 from duallora.backbones import BackboneInfo, create_backbone
 from duallora.config import RunConfig
-from duallora.errors import CheckpointError, TrainingError
+from duallora.errors import CheckpointError, ConfigError, TrainingError
 from duallora.methods import ContinualMethod, TaskContext, build_method
 from duallora.model import AdaptedViT
 
@@ -68,12 +68,15 @@ def seed_everything(seed: int) -> None:
 
 
 def make_progress(enabled: bool):
-    """A ``progress(iterable, description)`` function: tqdm bars when enabled, else identity."""
+    """A ``progress(iterable, description)`` function: tqdm bars when enabled, else identity.
+
+    Bars are drawn only when stderr is a terminal (tqdm's ``disable=None``), so logs of batch jobs
+    and pipes stay free of carriage-return noise."""
     if not enabled:
         return lambda it, desc: it
     from tqdm.auto import tqdm
 
-    return lambda it, desc: tqdm(it, desc=desc, leave=False, dynamic_ncols=True)
+    return lambda it, desc: tqdm(it, desc=desc, leave=False, dynamic_ncols=True, disable=None)
 
 
 class _TaskForward(nn.Module):
@@ -153,6 +156,12 @@ class ContinualLearner:
         self.backbone_info = info
         modules = cfg.method.adapted_modules if cfg.method.name != "frozen" else ()
         self.model = AdaptedViT(model, info.mean, info.std, modules)
+        widths = [layer.in_features for _, layer in self.model.adapted_layers()]
+        for key in ("rank_orthogonal", "rank_residual"):
+            rank = getattr(cfg.method, key)
+            if widths and key in config_mod.METHOD_KEYS[cfg.method.name] and rank > min(widths):
+                raise ConfigError(f"method.{key}={rank} exceeds the input width of the adapted layers "
+                                  f"({min(widths)}); use at most {min(widths)}")
         self.method: ContinualMethod = build_method(self.model, cfg.method, cfg.seed)
         self.model.to(self.device)
         self.task_classes: list[tuple[int, ...]] = []
@@ -326,15 +335,22 @@ class ContinualLearner:
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> Prediction:
-        """Predict class, task and confidence for images (B, C, H, W) (uint8 or float in [0, 1]).
+        """Predict class, task and confidence for images (B, C, H, W) or one image (C, H, W).
 
         One forward pass; every image is predicted on its own (no batch statistics).
 
+        Args:
+            images: a tensor or numpy array, uint8 in [0, 255] or float in [0, 1], of the backbone's
+                input size (``backbone_info.input_size``, e.g. (1, 28, 28)).
+
         Raises:
             RuntimeError: before the first task is learned.
+            ValueError: wrong shape, channels or size, or floats outside [0, 1] (e.g. 0-255 floats:
+                divide by 255 or pass uint8).
         """
         if not self.task_classes:
             raise RuntimeError("learn a task before predicting")
+        images = self._check_images(images)
         if self.model.training:
             self.model.eval()
         with self.autocast():
@@ -344,6 +360,24 @@ class ContinualLearner:
         lookup = torch.tensor(self.seen_labels)
         return Prediction(labels=lookup[positions.cpu()], positions=positions.cpu(), tasks=tasks.cpu(),
                           confidence=conf.cpu(), probs=out.probs.cpu())
+
+    def _check_images(self, images: Any) -> torch.Tensor:
+        """``images`` as a (B, C, H, W) tensor of the backbone's input size; see :meth:`predict`."""
+        if not isinstance(images, torch.Tensor):
+            images = torch.as_tensor(np.asarray(images))
+        expected = tuple(self.backbone_info.input_size)
+        if images.ndim == 3:
+            images = images.unsqueeze(0)
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(f"predict expects images of shape (B, {', '.join(map(str, expected))}) "
+                             f"(the backbone's input size), got {tuple(images.shape)}; resize/convert them first "
+                             "(the scenario's transforms do this for datasets)")
+        if images.dtype != torch.uint8:
+            if not images.is_floating_point():
+                raise ValueError(f"predict expects uint8 or float images, got {images.dtype}")
+            if images.numel() and (images.min() < 0 or images.max() > 1):
+                raise ValueError("float images must lie in [0, 1]; divide 0-255 values by 255 or pass uint8")
+        return images
 
     @torch.no_grad()
     def evaluate(self, test_sets: Sequence[Dataset]) -> dict[str, Any]:
