@@ -316,6 +316,21 @@ def test_changed_config_is_refused_without_overwrite(finished, tmp_path, monkeyp
 
 
 @needs_weights
+def test_run_from_an_older_version_is_not_reused(finished, tmp_path, monkeypatch):
+    # a config.yaml without a key added since (here method.stat_images) means the run used the old
+    # behaviour; the key's current default would hide that, so the run counts as different
+    spec, out = copy_of(finished, tmp_path)
+    path = out / "runs" / "duallora" / "seed-0" / "config.yaml"
+    stored = yaml.safe_load(path.read_text())
+    del stored["method"]["stat_images"]
+    path.write_text(yaml.safe_dump(stored))
+    forbid_runs(monkeypatch)
+    result = invoke("compare", spec, "-o", out)
+    assert result.exit_code == 2, result.output
+    assert "method.stat_images: not in the run's config (made by an older version" in result.output
+
+
+@needs_weights
 def test_dry_run_runs_and_writes_nothing(tmp_path, tiny, monkeypatch):
     forbid_runs(monkeypatch)
     spec = tiny_spec(tmp_path / "spec.yaml", tiny, {"duallora": [], "frozen": ["method.name=frozen"]})

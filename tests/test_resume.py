@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from duallora.backbones import SHIPPED_WEIGHTS
@@ -92,6 +93,17 @@ def test_resume_refuses_a_different_config(tmp_path):
     # the same overrides as the run are accepted (threads and progress do not matter)
     r = invoke("run", "--resume", str(out), *[o for o in SMALL if not o.startswith("train.threads")])
     assert r.exit_code == 0, r.output
+
+
+def test_resume_refuses_a_run_of_an_older_version(tmp_path):
+    out = tmp_path / "run"
+    _kill_after(out, 1, 0.0)
+    path = Path(f"{out}.partial") / "config.yaml"
+    stored = yaml.safe_load(path.read_text())
+    del stored["train"]["precision"]  # a key this version has and the run's version had not
+    path.write_text(yaml.safe_dump(stored))
+    r = invoke("run", "--resume", str(out))
+    assert r.exit_code == 2 and "older version of duallora" in r.output and "train.precision" in r.output
 
 
 def test_resume_without_an_interrupted_run(reference, tmp_path):

@@ -39,7 +39,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from duallora.config import RunConfig, load_config
+from duallora.config import RunConfig, load_config, missing_keys
 from duallora.errors import CheckpointError, ConfigError, DualLoRAError
 
 Echo = Callable[[str], None]
@@ -385,16 +385,19 @@ def stored_differences(folder: Path, cfg: RunConfig) -> list[str]:
         one text per differing key; ``[]`` when equal; a single explanatory text when the folder
         has no readable ``config.yaml``.
     """
-    from duallora.runner import _config_differences
+    from duallora.runner import RESUME_IGNORED_KEYS, _config_differences
 
     path = Path(folder) / "config.yaml"
     if not path.is_file():
         return [f"{path} is missing"]
     try:
         stored = load_config(path)
+        missing = missing_keys(path)
     except ConfigError as exc:
         return [f"its config.yaml cannot be read by this version ({exc})"]
-    return _config_differences(cfg, stored)
+    older = [f"{key}: not in the run's config (made by an older version of duallora)" for key in missing
+             if tuple(key.split(".", 1)) not in RESUME_IGNORED_KEYS]
+    return older + _config_differences(cfg, stored)
 
 
 def _non_empty_dir(path: Path) -> bool:

@@ -304,6 +304,32 @@ def _friendly(exc: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(f"invalid value for {key!r} in {source}: {msg}")
 
 
+def missing_keys(path: str | Path) -> list[str]:
+    """Dotted keys of the current schema that a stored run config (YAML) does not set.
+
+    A run folder's ``config.yaml`` lists every key; keys it lacks were added after the run was made,
+    so the run used the behaviour from before that key existed, which the key's current default need
+    not reproduce (reuse and resume treat such runs as different).
+
+    Raises:
+        ConfigError: the file cannot be read or parsed.
+    """
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(Path(path)))
+    except Exception as exc:  # yaml errors come in many types
+        raise ConfigError(f"cannot parse config file {str(path)!r}: {exc}") from exc
+    raw = raw if isinstance(raw, dict) else {}
+    out = []
+    for f in dataclasses.fields(RunConfig):
+        if not dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+            if f.name not in raw:
+                out.append(f.name)
+            continue
+        section = raw.get(f.name) if isinstance(raw.get(f.name), dict) else {}
+        out += [f"{f.name}.{g.name}" for g in dataclasses.fields(f.default_factory) if g.name not in section]
+    return out
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Build a validated :class:`RunConfig` from defaults, an optional YAML file and overrides.
 

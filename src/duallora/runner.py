@@ -142,6 +142,12 @@ def run_experiment(cfg: Optional[RunConfig], output: Optional[Path] = None, *, o
         if not stored_path.is_file():
             raise CheckpointError(f"{rundir.path} has no config.yaml; it was not started by `duallora run`")
         stored = config_mod.load_config(stored_path)
+        older = [k for k in config_mod.missing_keys(stored_path) if tuple(k.split(".", 1)) not in RESUME_IGNORED_KEYS]
+        if older:
+            raise CheckpointError(
+                f"{rundir.path} was started by an older version of duallora (its config lacks {', '.join(older)}); "
+                "this version cannot continue it exactly: start a new run"
+            )
         if cfg is None:
             cfg = stored
         else:
