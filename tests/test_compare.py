@@ -394,3 +394,31 @@ def test_interrupted_compare_leaves_a_summary_and_resumes(finished, tmp_path, mo
     assert after["accuracy_matrix"] == before["accuracy_matrix"] and after["resumed_after_task"] == 1
     with open(out / "runs.csv") as fh:
         assert len(list(csv.DictReader(fh))) == 4
+
+
+@needs_weights
+def test_inference_only_variants_are_derived_and_equal_trained_runs(finished, tmp_path, tiny):
+    _, out = copy_of(finished, tmp_path)
+    variants = {"duallora": [], "frozen": ["method.name=frozen"],
+                "no-calibration": ["method.calibration=none"], "task-id-cosine": ["method.task_id_score=cosine"],
+                "gate-hard": ["method.gate=hard"]}  # a training change: never derived
+    spec = tiny_spec(tmp_path / "spec.yaml", tiny, variants, seeds=(0,))
+    result = invoke("compare", spec, "-o", out, "--seeds", "0")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("inference-only change from duallora") == 2
+    for name in ("no-calibration", "task-id-cosine"):
+        m = json.loads((out / "runs" / name / "seed-0" / "metrics.json").read_text())
+        assert m["derived_from"].endswith("runs/duallora/seed-0")
+        assert m["train_time_s"] == json.loads((out / "runs/duallora/seed-0/metrics.json").read_text())["train_time_s"]
+    assert "derived_from" not in json.loads((out / "runs/gate-hard/seed-0/metrics.json").read_text())
+    # trained from scratch (--no-derive) they give the same accuracy matrices, to the bit
+    trained = tmp_path / "trained"
+    result = invoke("compare", spec, "-o", trained, "--seeds", "0", "--only", "no-calibration,task-id-cosine",
+                    "--no-derive")
+    assert result.exit_code == 0, result.output
+    assert "inference-only change" not in result.output
+    for name in ("no-calibration", "task-id-cosine"):
+        a = json.loads((out / "runs" / name / "seed-0" / "metrics.json").read_text())
+        b = json.loads((trained / "runs" / name / "seed-0" / "metrics.json").read_text())
+        assert a["accuracy_matrix"] == b["accuracy_matrix"]
+        assert a["task_id_accuracy_after_task"] == b["task_id_accuracy_after_task"]

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from duallora.config import RunConfig, from_dict, load_config, to_dict, to_yaml
+from duallora.config import MethodConfig, RunConfig, from_dict, load_config, to_dict, to_yaml
 from duallora.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,3 +87,21 @@ def test_missing_and_broken_files(tmp_path):
     p.write_text("train: [unclosed\n")
     with pytest.raises(ConfigError, match="cannot parse"):
         load_config(p)
+
+
+def test_preset_keys_for_other_methods_are_reset_not_errors(tmp_path):
+    # the CIFAR-100 preset tunes the memory thresholds for duallora/inflora; other methods still run on it
+    preset = Path(__file__).parent.parent / "configs" / "cifar100_10tasks.yaml"
+    tuned = load_config(preset)
+    assert tuned.method.energy_threshold_end != MethodConfig().energy_threshold_end
+    for name in ("frozen", "fecam", "l2p", "seq-lora", "joint"):
+        cfg = load_config(preset, [f"method.name={name}"])
+        assert cfg.method.energy_threshold_end == MethodConfig().energy_threshold_end
+        assert cfg.data == tuned.data and cfg.train == tuned.train  # the rest of the preset holds
+    assert load_config(preset, ["method.name=inflora"]).method.energy_threshold_end == tuned.method.energy_threshold_end
+    with pytest.raises(ConfigError, match="does not use it"):  # on the command line it is still an error
+        load_config(preset, ["method.name=fecam", "method.energy_threshold_end=0.9"])
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(listing)

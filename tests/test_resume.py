@@ -111,3 +111,32 @@ def test_resume_without_an_interrupted_run(reference, tmp_path):
     assert r.exit_code == 2 and "already finished" in r.output
     r = invoke("run", "--resume", str(tmp_path / "never"))
     assert r.exit_code == 2 and "no interrupted run" in r.output
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, "data"])
+def test_a_run_stopped_mid_way_names_its_unfinished_folder(tmp_path, monkeypatch, error):
+    from duallora.errors import DataError
+    from duallora.training import ContinualLearner
+
+    real = ContinualLearner.learn_task
+    calls = {"n": 0}
+
+    def second_task_fails(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt if error is KeyboardInterrupt else DataError("a corrupt image: img_7.png")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ContinualLearner, "learn_task", second_task_fails)
+    out = tmp_path / "run"
+    r = invoke("run", "-o", str(out), *SMALL)
+    assert r.exit_code == (130 if error is KeyboardInterrupt else 2)
+    assert f"the unfinished run stays in {out}.partial" in r.output
+    assert f"duallora run --resume {out}" in r.output
+    if error != KeyboardInterrupt:
+        assert "a corrupt image: img_7.png" in r.output
+    assert (Path(f"{out}.partial") / "checkpoints" / "task_1.safetensors").is_file() and not out.exists()
+    monkeypatch.setattr(ContinualLearner, "learn_task", real)
+    r = invoke("run", "--resume", f"{out}.partial")  # the staging folder's own name is accepted too
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "metrics.json").read_text())["resumed_after_task"] == 1

@@ -45,8 +45,9 @@ def user_errors(fn: Callable) -> Callable:
             _fail(str(exc))
         except OSError as exc:  # unwritable output, missing folder, a folder where a file is expected
             _fail(f"{exc.strerror or exc}: {exc.filename or ''}; check the path and its permissions")
-        except KeyboardInterrupt:
-            _fail("interrupted; the unfinished run stays in <output>.partial, earlier outputs are untouched", 130)
+        except KeyboardInterrupt as exc:
+            # run_experiment names the unfinished run's folder; elsewhere nothing was half-written
+            _fail(str(exc) or "interrupted; earlier outputs are untouched", 130)
 
     return wrapper
 
@@ -125,6 +126,10 @@ def compare(
         None, "--progress/--no-progress", help="Show or hide progress bars (default: the config's train.progress)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (variant, seed, folder, reused/to run) and exit."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print each run's per-task lines."),
+    derive: bool = typer.Option(True, "--derive/--no-derive",
+                                help="Make DualLoRA variants that differ only in inference options (calibration, "
+                                     "task_id_score, tau_id, confidence_threshold) from a finished run's checkpoints "
+                                     "instead of training the same model again (--no-derive: train every run)."),
 ) -> None:
     """Run several methods or DualLoRA ablations over several seeds and summarise them.
 
@@ -160,7 +165,7 @@ def compare(
                           "or --methods duallora,frozen")
     if progress is not None:
         overrides.append(f"train.progress={str(progress).lower()}")
-    result = run_compare(spec, output, seeds=seed_list, extra_overrides=overrides, only=parse_names(only),
+    result = run_compare(spec, output, seeds=seed_list, extra_overrides=overrides, only=parse_names(only), derive=derive,
                          overwrite=overwrite, dry_run=dry_run, echo=typer.echo, verbose=verbose)
     if result.failed:
         failed = ", ".join(f"{v} seed {s}" for v, s, _ in result.failed)

@@ -841,9 +841,30 @@ def _result_line(m: Mapping[str, Any]) -> str:
     return f"final accuracy {acc:.2f}%" + ("" if math.isnan(forg) else f", forgetting {forg:.2f}")
 
 
+def _derivation_source(run: PlannedRun, planned: Sequence[PlannedRun]) -> Optional[PlannedRun]:
+    """A finished, trained (not itself derived) run of the same seed whose config trains the same model
+    as ``run``'s (:func:`duallora.runner.inference_only_change`), or None."""
+    from duallora.runner import inference_only_change
+
+    for other in planned:
+        if other is run or other.seed != run.seed or not (other.folder / "metrics.json").is_file():
+            continue
+        if not inference_only_change(other.cfg, run.cfg) or stored_differences(other.folder, other.cfg):
+            continue
+        try:
+            if "derived_from" in read_metrics(other.folder):
+                continue
+        except CheckpointError:
+            continue
+        if (other.folder / "checkpoints").is_dir():
+            return other
+    return None
+
+
 def run_compare(spec: CompareSpec, output: str | Path, *, seeds: Optional[Sequence[int]] = None,
                 extra_overrides: Sequence[str] = (), only: Sequence[str] = (), overwrite: bool = False,
-                dry_run: bool = False, echo: Echo = print, verbose: bool = False) -> CompareResult:
+                dry_run: bool = False, echo: Echo = print, verbose: bool = False,
+                derive: bool = True) -> CompareResult:
     """Plan, then run every variant x seed in turn, rewriting the summary after each.
 
     Runs happen one after another in this process through :func:`duallora.runner.run_experiment`.
@@ -857,6 +878,9 @@ def run_compare(spec: CompareSpec, output: str | Path, *, seeds: Optional[Sequen
         dry_run: print the plan and return without writing or running anything.
         echo: where the plan, progress and result lines go.
         verbose: also pass the runner's per-task lines to ``echo`` (indented).
+        derive: make a run whose config is an inference-only change from a finished run of the same
+            seed in this compare (e.g. another calibration) by evaluating that run's checkpoints
+            (:func:`duallora.runner.derive_run`) instead of training the same model again.
 
     Returns:
         the :class:`CompareResult`.
@@ -907,8 +931,12 @@ def run_compare(spec: CompareSpec, output: str | Path, *, seeds: Optional[Sequen
                 continue
             echo(head + {RESUME: " (resuming)", RERUN: " (replacing the old folder)"}.get(p.action, ""))
             t0 = time.perf_counter()
+            source = _derivation_source(p, planned) if derive and p.action != RESUME else None
             try:
-                if p.action == RESUME:
+                if source is not None:
+                    echo(f"  inference-only change from {source.variant}: evaluating its checkpoints")
+                    runner.derive_run(source.folder, p.cfg, p.folder, overwrite=p.discard, echo=inner)
+                elif p.action == RESUME:
                     runner.run_experiment(p.cfg, p.folder, resume=True, echo=inner)
                 else:
                     runner.run_experiment(p.cfg, p.folder, overwrite=p.discard, echo=inner)
@@ -918,7 +946,7 @@ def run_compare(spec: CompareSpec, output: str | Path, *, seeds: Optional[Sequen
                 echo(f"  failed: {exc}")
             except KeyboardInterrupt:
                 echo(f"  interrupted during {p.variant} seed {p.seed}; the same command resumes it")
-                raise
+                raise KeyboardInterrupt("interrupted; the same `duallora compare` command resumes the unfinished run") from None
             else:
                 result.metrics[(p.variant, p.seed)] = m
                 result.ran.append((p.variant, p.seed))

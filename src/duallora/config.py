@@ -350,6 +350,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             file_cfg = OmegaConf.load(p)
         except Exception as exc:  # yaml errors come in many types
             raise ConfigError(f"cannot parse config file {str(p)!r}: {exc}") from exc
+        if not isinstance(file_cfg, DictConfig):
+            raise ConfigError(f"config file {str(p)!r} must be a mapping of sections (seed, data, backbone, "
+                              "method, train), like configs/default.yaml; it holds a list")
         try:
             merged = OmegaConf.merge(merged, file_cfg)
         except OmegaConfBaseException as exc:
@@ -366,7 +369,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise _friendly(exc, "the command-line overrides") from exc
     cfg = OmegaConf.to_object(merged)
     assert isinstance(cfg, RunConfig)
+    _reset_unused_file_keys(cfg, overrides or [])
     return validate(cfg)
+
+
+def _reset_unused_file_keys(cfg: RunConfig, overrides: list[str]) -> None:
+    """Reset method keys that the chosen method does not read to their defaults, unless an override
+    sets them: a preset tuned for DualLoRA (e.g. ``energy_threshold_end: 1.0``) then serves every
+    method (``--config configs/cifar100_10tasks.yaml method.name=fecam``), while an override of a key
+    the method ignores stays an error (:func:`check_method_keys`)."""
+    used = METHOD_KEYS.get(cfg.method.name, set())
+    given = {item.split("=", 1)[0].strip() for item in overrides}
+    default = MethodConfig()
+    for f in dataclasses.fields(MethodConfig):
+        if f.name != "name" and f.name not in used and f"method.{f.name}" not in given:
+            setattr(cfg.method, f.name, getattr(default, f.name))
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:

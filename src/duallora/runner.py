@@ -10,6 +10,7 @@ earlier run's outputs (field-lessons.md, lessons 9 and 11).
 
 from __future__ import annotations
 
+import json
 import platform
 import re
 import time
@@ -26,7 +27,7 @@ from duallora.backbones import BackboneInfo, create_backbone
 from duallora.config import RunConfig
 from duallora.data.datasets import load_dataset
 from duallora.data.scenarios import ClassIncrementalScenario
-from duallora.errors import CheckpointError
+from duallora.errors import CheckpointError, DualLoRAError
 from duallora.metrics import build_matrix, compute_metrics
 from duallora.reporting import (
     RunDirectory,
@@ -137,6 +138,8 @@ def run_experiment(cfg: Optional[RunConfig], output: Optional[Path] = None, *, o
     if resume:
         if output is None:
             raise CheckpointError("--resume needs the run folder: duallora run --resume DIR")
+        if Path(output).name.endswith(".partial"):  # the staging folder itself was given
+            output = Path(output).with_name(Path(output).name[: -len(".partial")])
         rundir = RunDirectory(Path(output), resume=True)
         stored_path = rundir.path / "config.yaml"
         if not stored_path.is_file():
@@ -200,31 +203,61 @@ def run_experiment(cfg: Optional[RunConfig], output: Optional[Path] = None, *, o
         learner = ContinualLearner(cfg, num_tasks=scenario.num_tasks, backbone=(model, info))
     start_task = len(learner.task_classes)
     test_sizes = [len(scenario.test_dataset(t)) for t in range(scenario.num_tasks)]
-    for task in scenario.tasks[start_task:]:
-        t = task.index
-        record = learner.learn_task(scenario.train_dataset(t), task.classes)
-        train_time += record["task_time_s"]
-        e0 = time.perf_counter()
-        ev = learner.evaluate([scenario.test_dataset(i) for i in range(t + 1)])
-        last_eval_s = time.perf_counter() - e0
-        last_eval_images = int(sum(ev["total"]))
-        eval_time += last_eval_s
-        rows.append(ev["accuracy"])
-        task_id_rows.append(ev["task_id_accuracy"])
-        record["evaluation"] = ev
-        if main:
-            learner.save(stage / "checkpoints" / f"task_{t + 1}.safetensors",
-                         extra={"accuracy_rows": rows, "task_id_accuracy_rows": task_id_rows,
-                                "train_time_s": train_time, "eval_time_s": eval_time,
-                                "last_eval_time_s": last_eval_s, "last_eval_images": last_eval_images})
-        seen = sum(c for c in ev["correct"]) / max(sum(ev["total"]), 1) * 100
-        mem = record.get("memory_size")
-        mem_txt = f", memory dims {min(mem.values())}-{max(mem.values())}" if mem else ""
-        echo(f"task {t + 1}/{scenario.num_tasks} classes {list(task.classes)}: loss {record['epoch_loss'][-1]:.4f}, "
-             f"accuracy on seen classes {seen:.2f}%, task-id {ev['task_id_accuracy']:.2f}%{mem_txt} "
-             f"({record['task_time_s']:.1f}s)")
+    hint = (f"the unfinished run stays in {stage}; continue it with `duallora run --resume {output}` "
+            "(or start again with --overwrite)")
+    try:
+        for task in scenario.tasks[start_task:]:
+            t = task.index
+            record = learner.learn_task(scenario.train_dataset(t), task.classes)
+            train_time += record["task_time_s"]
+            e0 = time.perf_counter()
+            ev = learner.evaluate([scenario.test_dataset(i) for i in range(t + 1)])
+            last_eval_s = time.perf_counter() - e0
+            last_eval_images = int(sum(ev["total"]))
+            eval_time += last_eval_s
+            rows.append(ev["accuracy"])
+            task_id_rows.append(ev["task_id_accuracy"])
+            record["evaluation"] = ev
+            if main:
+                learner.save(stage / "checkpoints" / f"task_{t + 1}.safetensors",
+                             extra={"accuracy_rows": rows, "task_id_accuracy_rows": task_id_rows,
+                                    "train_time_s": train_time, "eval_time_s": eval_time,
+                                    "last_eval_time_s": last_eval_s, "last_eval_images": last_eval_images})
+            seen = sum(c for c in ev["correct"]) / max(sum(ev["total"]), 1) * 100
+            mem = record.get("memory_size")
+            mem_txt = f", memory dims {min(mem.values())}-{max(mem.values())}" if mem else ""
+            echo(f"task {t + 1}/{scenario.num_tasks} classes {list(task.classes)}: loss {record['epoch_loss'][-1]:.4f}, "
+                 f"accuracy on seen classes {seen:.2f}%, task-id {ev['task_id_accuracy']:.2f}%{mem_txt} "
+                 f"({record['task_time_s']:.1f}s)")
+    except KeyboardInterrupt as exc:
+        raise KeyboardInterrupt(f"interrupted; {hint}") from exc
+    except DualLoRAError as exc:
+        raise type(exc)(f"{exc}\n{hint}") from exc
 
+    metrics = _run_metrics(cfg, scenario, info, rows, task_id_rows, train_time, eval_time, last_eval_s,
+                           last_eval_images)
+    metrics.update({
+        "wall_time_s": time.perf_counter() - wall_start,
+        "resumed_after_task": start_task if resume else None,
+        "device": str(learner.device),
+        "world_size": distributed.world_size(),
+    })
+    if not main:
+        distributed.barrier()
+        return metrics
+    _write_outputs(stage, cfg, scenario, metrics, learner.history)
+    final = rundir.commit()
+    distributed.barrier()
+    metrics["output"] = str(final)
+    return metrics
+
+
+def _run_metrics(cfg: RunConfig, scenario: ClassIncrementalScenario, info: BackboneInfo, rows: list[list[float]],
+                 task_id_rows: list[float], train_time: float, eval_time: float, last_eval_s: Optional[float],
+                 last_eval_images: Optional[int]) -> dict[str, Any]:
+    """The ``metrics.json`` content of a run (every key but the per-session ones)."""
     R = build_matrix(rows)
+    test_sizes = [len(scenario.test_dataset(t)) for t in range(scenario.num_tasks)]
     data_record = scenario.record()
     metrics: dict[str, Any] = compute_metrics(R, test_sizes, task_id_accuracy=task_id_rows[-1])
     metrics.update({
@@ -248,26 +281,112 @@ def run_experiment(cfg: Optional[RunConfig], output: Optional[Path] = None, *, o
         "final_eval_time_s": last_eval_s,
         "inference_ms_per_image": (1000.0 * last_eval_s / last_eval_images
                                    if last_eval_s is not None and last_eval_images else None),
-        "wall_time_s": time.perf_counter() - wall_start,
-        "resumed_after_task": start_task if resume else None,
-        "device": str(learner.device),
-        "world_size": distributed.world_size(),
         "environment": _environment(),
     })
-    if not main:
-        distributed.barrier()
-        return metrics
-    write_json_atomic(stage / "history.json", learner.history)
+    return metrics
+
+
+def _write_outputs(stage: Path, cfg: RunConfig, scenario: ClassIncrementalScenario, metrics: dict[str, Any],
+                   history: list) -> None:
+    """history.json, the accuracy matrix (CSV, PNG), the accuracy curve and metrics.json (last)."""
+    R = np.array([[np.nan if v is None else v for v in row] for row in metrics["accuracy_matrix"]], dtype=np.float64)
+    write_json_atomic(stage / "history.json", history)
     write_accuracy_matrix_csv(stage / "accuracy_matrix.csv", R)
     title = f"{cfg.method.name} on {cfg.data.dataset} ({scenario.num_tasks} tasks)"
     plot_accuracy_matrix(stage / "accuracy_matrix.png", R, title)
     plot_accuracy_curve(stage / "accuracy_curve.png",
                         {"accuracy (sample-weighted)": metrics["accuracy_after_task"],
-                         "task-id accuracy": task_id_rows}, title)
+                         "task-id accuracy": metrics["task_id_accuracy_after_task"]}, title)
     write_json_atomic(stage / "metrics.json", metrics)
-    final = rundir.commit()
-    distributed.barrier()
-    metrics["output"] = str(final)
+
+
+#: DualLoRA method keys that change only how a trained model predicts, when the task posterior is the
+#: shared gate's (``gate=shared``, ``task_id_features`` auto/gate): no training step, statistics pass or
+#: stored tensor depends on them (the signatures keep means, scatter and subspace bases for every score).
+INFERENCE_ONLY_KEYS = {("method", "calibration"), ("method", "confidence_threshold"),
+                       ("method", "task_id_score"), ("method", "tau_id")}
+
+
+def inference_only_change(a: RunConfig, b: RunConfig) -> bool:
+    """Whether runs of ``a`` and ``b`` train the same model and differ only in how it predicts.
+
+    True when both are ``duallora`` with the shared gate as task posterior and every key outside
+    :data:`INFERENCE_ONLY_KEYS` (and :data:`RESUME_IGNORED_KEYS`) is equal; a run of ``b`` then equals
+    the checkpoints of a run of ``a`` evaluated under ``b`` (:func:`derive_run`).
+    """
+    for cfg in (a, b):
+        if cfg.method.name != "duallora" or cfg.method.gate != "shared" or cfg.method.task_id_features == "final":
+            return False
+    da, db = config_mod.to_dict(a), config_mod.to_dict(b)
+    ignored = RESUME_IGNORED_KEYS | INFERENCE_ONLY_KEYS
+    for section in set(da) | set(db):
+        va, vb = da.get(section), db.get(section)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            if any(va.get(k) != vb.get(k) for k in set(va) | set(vb) if (section, k) not in ignored):
+                return False
+        elif va != vb:
+            return False
+    return True
+
+
+def derive_run(source: Path, cfg: RunConfig, output: Path, *, overwrite: bool = False,
+               echo: Echo = print) -> dict[str, Any]:
+    """A run of ``cfg`` made from a finished run of a config that trains the same model.
+
+    Every task checkpoint of ``source`` is loaded with ``cfg`` (an inference-only change, see
+    :func:`inference_only_change`) and evaluated as the run would have after that task; the run
+    folder written to ``output`` has the same files as :func:`run_experiment`'s except the
+    checkpoints (they would equal ``source``'s), and ``metrics.json`` names ``derived_from``.
+    Its ``train_time_s`` is the source's (the same training), its evaluation times are measured.
+
+    Raises:
+        CheckpointError: ``source`` is not a finished run, lacks checkpoints, or its config is not an
+            inference-only change away from ``cfg``; and as :func:`run_experiment` for ``output``.
+    """
+    wall_start = time.perf_counter()
+    source = Path(source)
+    if not (source / "metrics.json").is_file():
+        raise CheckpointError(f"{source} is not a finished run (no metrics.json)")
+    stored = config_mod.load_config(source / "config.yaml")
+    if not inference_only_change(stored, cfg):
+        raise CheckpointError(f"{source} trained a different model than the config given; run it instead")
+    files = find_checkpoints(source / "checkpoints")
+    source_metrics = json.loads((source / "metrics.json").read_text())
+    if len(files) != source_metrics["num_tasks"]:
+        raise CheckpointError(f"{source} has {len(files)} checkpoints for {source_metrics['num_tasks']} tasks")
+    rundir = RunDirectory(Path(output), overwrite=overwrite)
+    scenario = None
+    rows: list[list[float]] = []
+    task_id_rows: list[float] = []
+    eval_time, last_eval_s, last_eval_images = 0.0, None, None
+    info = None
+    learner = None
+    for f in files:
+        learner = ContinualLearner.load(f, backbone=create_backbone(cfg.backbone.name, cfg.backbone.weights), cfg=cfg)
+        learner.progress = make_progress(cfg.train.progress)
+        info = learner.backbone_info
+        if scenario is None:
+            scenario = build_scenario(cfg, info)
+        k = len(learner.task_classes)
+        e0 = time.perf_counter()
+        ev = learner.evaluate([scenario.test_dataset(i) for i in range(k)])
+        last_eval_s, last_eval_images = time.perf_counter() - e0, int(sum(ev["total"]))
+        eval_time += last_eval_s
+        rows.append(ev["accuracy"])
+        task_id_rows.append(ev["task_id_accuracy"])
+        echo(f"task {k}/{len(files)}: accuracy per task {[round(a, 2) for a in ev['accuracy']]}, "
+             f"task-id {ev['task_id_accuracy']:.2f}%")
+    assert scenario is not None and info is not None and learner is not None
+    stage = rundir.path
+    write_text_atomic(stage / "config.yaml", config_mod.to_yaml(cfg))
+    write_json_atomic(stage / "class_order.json", scenario.to_dict())
+    metrics = _run_metrics(cfg, scenario, info, rows, task_id_rows, float(source_metrics["train_time_s"]),
+                           eval_time, last_eval_s, last_eval_images)
+    metrics.update({"wall_time_s": time.perf_counter() - wall_start, "resumed_after_task": None,
+                    "device": str(learner.device), "world_size": 1,
+                    "derived_from": str(source), "derived_keys": sorted(f"{a}.{b}" for a, b in INFERENCE_ONLY_KEYS)})
+    _write_outputs(stage, cfg, scenario, metrics, learner.history)
+    metrics["output"] = str(rundir.commit())
     return metrics
 
 

@@ -481,14 +481,19 @@ class ContinualLearner:
 
     @classmethod
     def load(cls, path: str | Path, device: Optional[torch.device] = None,
-             backbone: Optional[tuple[nn.Module, BackboneInfo]] = None) -> "ContinualLearner":
+             backbone: Optional[tuple[nn.Module, BackboneInfo]] = None,
+             cfg: Optional[RunConfig] = None) -> "ContinualLearner":
         """Rebuild a learner from :meth:`save` output; predictions are identical.
+
+        Args:
+            cfg: build the learner with this config instead of the stored one (it must describe the
+                same trained state, e.g. another calibration: ``runner.inference_only_change``).
 
         Raises:
             CheckpointError: unreadable file, or backbone weights whose sha256 differs from the record.
         """
         tensors, meta = cls.read_checkpoint(path)
-        cfg = config_mod.from_dict(meta["config"])
+        cfg = cfg if cfg is not None else config_mod.from_dict(meta["config"])
         learner = cls(cfg, num_tasks=meta["num_tasks"], backbone=backbone, device=device)
         want = meta["backbone"]["sha256"]
         if learner.backbone_info.sha256 != want:
