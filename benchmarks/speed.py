@@ -156,15 +156,18 @@ def statistics_share(tasks: int, per_class: int, epochs: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", type=int, default=5)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--tasks", type=int, default=5, help="tasks learned before inference is timed")
     parser.add_argument("--repeats", type=int, default=15, help="interleaved timing rounds (batch 1 uses 4x)")
     parser.add_argument("--train-rounds", type=int, default=3, help="rounds of the training-step comparison")
     parser.add_argument("--task-images", type=int, default=12000,
-                        help="images per task for the statistics share (default: the default benchmark's 12000)")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs for the statistics share (default: the config's)")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "speed.json")
+                        help="images per task for the statistics share (the default benchmark has 12000)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs for the statistics share (None: the config default)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (1 on a shared machine; None: torch default)")
+    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "speed.json",
+                        help="JSON file for every figure")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.threads:

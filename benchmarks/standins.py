@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -40,18 +41,21 @@ def build(folder: Path) -> dict[str, Path]:
 
     from duallora.backbones import build_shipped_architecture
 
-    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / "standin-data"
+    if data.exists():  # rebuilt on every call, so the script can be run again on the same folder
+        shutil.rmtree(data)
+    data.mkdir(parents=True)
     roots = {
-        "cifar100": standins.make_cifar(folder / "cifar100", n_classes=4, n_train=6, n_test=2),
-        "cub200": standins.make_cub(folder / "cub200", n_classes=4, per_class=6).parent,
+        "cifar100": standins.make_cifar(data / "cifar100", n_classes=4, n_train=6, n_test=2),
+        "cub200": standins.make_cub(data / "cub200", n_classes=4, per_class=6).parent,
     }
     for name in ("imagenet-r", "imagenet-a"):
-        standins.make_wnid_folders(folder / name, n_classes=4, per_class=6)
-        roots[name] = folder / name
-    standins.make_domainnet(folder / "domainnet", n_classes=4, n_train=2, n_test=1)
-    roots["domainnet"] = folder / "domainnet"
+        standins.make_wnid_folders(data / name, n_classes=4, per_class=6)
+        roots[name] = data / name
+    standins.make_domainnet(data / "domainnet", n_classes=4, n_train=2, n_test=1)
+    roots["domainnet"] = data / "domainnet"
     torch.manual_seed(0)
-    weights = folder / "tiny_vit.safetensors"
+    weights = data / "tiny_vit.safetensors"
     save_file({k: v.contiguous() for k, v in build_shipped_architecture().state_dict().items()}, str(weights))
     roots["weights"] = weights
     return roots

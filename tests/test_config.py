@@ -105,3 +105,8 @@ def test_preset_keys_for_other_methods_are_reset_not_errors(tmp_path):
     listing.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="must be a mapping"):
         load_config(listing)
+
+
+def test_a_config_file_given_as_override_hints_at_config_option():
+    with pytest.raises(ConfigError, match="use --config configs/default.yaml"):
+        load_config(None, ["configs/default.yaml"])

@@ -109,6 +109,8 @@ def test_resume_refuses_a_run_of_an_older_version(tmp_path):
 def test_resume_without_an_interrupted_run(reference, tmp_path):
     r = invoke("run", "--resume", str(reference))
     assert r.exit_code == 2 and "already finished" in r.output
+    r = invoke("run", "--resume", str(reference), "--print-config")  # not the defaults: there is nothing to resume
+    assert r.exit_code == 2 and "no interrupted run" in r.output and "config.yaml" in r.output
     r = invoke("run", "--resume", str(tmp_path / "never"))
     assert r.exit_code == 2 and "no interrupted run" in r.output
 

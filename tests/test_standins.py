@@ -22,5 +22,6 @@ def test_every_preset_has_a_stand_in_and_a_command(tmp_path, capsys):
     for preset in presets:
         assert f"configs/{preset}" in out
     for name in ("cifar100", "imagenet-r", "imagenet-a", "domainnet", "cub200"):
-        assert (tmp_path / name).is_dir()
-    assert (tmp_path / "tiny_vit.safetensors").is_file()
+        assert (tmp_path / "standin-data" / name).is_dir()
+    assert (tmp_path / "standin-data" / "tiny_vit.safetensors").is_file()
+    assert script.main([str(tmp_path), "--dry-run"]) == 0  # again on the same folder: rebuilt, no error

@@ -77,6 +77,11 @@ def run(
     from duallora.errors import ConfigError
 
     given = config is not None or bool(overrides)
+    if resume is not None and resume.name.endswith(".partial"):  # the staging folder itself was given
+        resume = resume.with_name(resume.name[: -len(".partial")])
+    if resume is not None and print_config and not (Path(str(resume) + ".partial") / "config.yaml").is_file():
+        raise ConfigError(f"no interrupted run in {resume} (looked for {resume}.partial/config.yaml); "
+                          f"a finished run's config is {resume}/config.yaml")
     if resume is not None and config is None and overrides:
         # overrides on a resumed run apply to the run's own config (and must not change its results)
         stored = Path(str(resume) + ".partial") / "config.yaml"

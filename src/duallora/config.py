@@ -360,8 +360,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if overrides:
         for item in overrides:
             if "=" not in item:
+                hint = f"; to read a config file use --config {item}" if item.endswith((".yaml", ".yml")) else ""
                 raise ConfigError(
-                    f"override {item!r} is not of the form key=value (e.g. train.epochs=1)"
+                    f"override {item!r} is not of the form key=value (e.g. train.epochs=1){hint}"
                 )
         try:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
