@@ -95,14 +95,15 @@ def _environment() -> dict[str, str]:
 RESUME_IGNORED_KEYS = {("train", "progress"), ("data", "num_workers"), ("train", "threads")}
 
 
-def _config_differences(a: RunConfig, b: RunConfig) -> list[str]:
+def _config_differences(a: RunConfig, b: RunConfig, ignored: set[tuple[str, str]] = RESUME_IGNORED_KEYS) -> list[str]:
+    """``section.key: run has B, given A`` for every key (outside ``ignored``) where ``a`` and ``b`` differ."""
     da, db = config_mod.to_dict(a), config_mod.to_dict(b)
     out = []
     for section in sorted(set(da) | set(db)):
         va, vb = da.get(section), db.get(section)
         if isinstance(va, dict) and isinstance(vb, dict):
             for key in sorted(set(va) | set(vb)):
-                if (section, key) not in RESUME_IGNORED_KEYS and va.get(key) != vb.get(key):
+                if (section, key) not in ignored and va.get(key) != vb.get(key):
                     out.append(f"{section}.{key}: run has {vb.get(key)!r}, given {va.get(key)!r}")
         elif va != vb:
             out.append(f"{section}: run has {vb!r}, given {va!r}")
@@ -317,16 +318,7 @@ def inference_only_change(a: RunConfig, b: RunConfig) -> bool:
     for cfg in (a, b):
         if cfg.method.name != "duallora" or cfg.method.gate != "shared" or cfg.method.task_id_features == "final":
             return False
-    da, db = config_mod.to_dict(a), config_mod.to_dict(b)
-    ignored = RESUME_IGNORED_KEYS | INFERENCE_ONLY_KEYS
-    for section in set(da) | set(db):
-        va, vb = da.get(section), db.get(section)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            if any(va.get(k) != vb.get(k) for k in set(va) | set(vb) if (section, k) not in ignored):
-                return False
-        elif va != vb:
-            return False
-    return True
+    return not _config_differences(a, b, RESUME_IGNORED_KEYS | INFERENCE_ONLY_KEYS)
 
 
 def derive_run(source: Path, cfg: RunConfig, output: Path, *, overwrite: bool = False,
@@ -355,28 +347,19 @@ def derive_run(source: Path, cfg: RunConfig, output: Path, *, overwrite: bool = 
     if len(files) != source_metrics["num_tasks"]:
         raise CheckpointError(f"{source} has {len(files)} checkpoints for {source_metrics['num_tasks']} tasks")
     rundir = RunDirectory(Path(output), overwrite=overwrite)
-    scenario = None
     rows: list[list[float]] = []
     task_id_rows: list[float] = []
     eval_time, last_eval_s, last_eval_images = 0.0, None, None
-    info = None
-    learner = None
-    for f in files:
-        learner = ContinualLearner.load(f, backbone=create_backbone(cfg.backbone.name, cfg.backbone.weights), cfg=cfg)
-        learner.progress = make_progress(cfg.train.progress)
-        info = learner.backbone_info
-        if scenario is None:
-            scenario = build_scenario(cfg, info)
-        k = len(learner.task_classes)
-        e0 = time.perf_counter()
-        ev = learner.evaluate([scenario.test_dataset(i) for i in range(k)])
-        last_eval_s, last_eval_images = time.perf_counter() - e0, int(sum(ev["total"]))
-        eval_time += last_eval_s
+    learner = scenario = None
+    for _, learner, scenario, ev, seconds in _evaluate_each(files, lambda meta: cfg, cfg.train.progress):
+        last_eval_s, last_eval_images = seconds, int(sum(ev["total"]))
+        eval_time += seconds
         rows.append(ev["accuracy"])
         task_id_rows.append(ev["task_id_accuracy"])
-        echo(f"task {k}/{len(files)}: accuracy per task {[round(a, 2) for a in ev['accuracy']]}, "
+        echo(f"task {len(rows)}/{len(files)}: accuracy per task {[round(a, 2) for a in ev['accuracy']]}, "
              f"task-id {ev['task_id_accuracy']:.2f}%")
-    assert scenario is not None and info is not None and learner is not None
+    assert scenario is not None and learner is not None
+    info = learner.backbone_info
     stage = rundir.path
     write_text_atomic(stage / "config.yaml", config_mod.to_yaml(cfg))
     write_json_atomic(stage / "class_order.json", scenario.to_dict())
@@ -413,6 +396,30 @@ def find_checkpoints(path: Path) -> list[Path]:
     return [p for _, p in found]
 
 
+def _evaluate_each(files: list[Path], config_of: Callable[[dict[str, Any]], RunConfig], progress: bool):
+    """Load every checkpoint with ``config_of(its metadata)`` and evaluate it on the test data of its
+    tasks. Yields ``(file, learner, scenario, evaluation, seconds of the evaluation)``.
+
+    Raises:
+        CheckpointError: a checkpoint's classes differ from the scenario rebuilt from its config.
+    """
+    scenario = None
+    for f in files:
+        _, meta = ContinualLearner.read_checkpoint(f)
+        cfg = config_of(meta)
+        # a fresh backbone per checkpoint: loading merges adapters into its weights in place
+        learner = ContinualLearner.load(f, backbone=create_backbone(cfg.backbone.name, cfg.backbone.weights), cfg=cfg)
+        learner.progress = make_progress(progress)
+        if scenario is None:
+            scenario = build_scenario(cfg, learner.backbone_info)
+        k = len(learner.task_classes)
+        if [list(t.classes) for t in scenario.tasks[:k]] != [list(c) for c in learner.task_classes]:
+            raise CheckpointError(f"{f.name}: the rebuilt class order differs from the checkpoint's; was the data changed?")
+        t0 = time.perf_counter()
+        ev = learner.evaluate([scenario.test_dataset(i) for i in range(k)])
+        yield f, learner, scenario, ev, time.perf_counter() - t0
+
+
 def evaluate_checkpoints(path: Path, *, echo: Echo = print, progress: bool = True,
                          data_root: Optional[str] = None) -> dict[str, Any]:
     """Re-evaluate checkpoints on the test data their run used, without task labels.
@@ -434,28 +441,21 @@ def evaluate_checkpoints(path: Path, *, echo: Echo = print, progress: bool = Tru
     rows: list[list[float]] = []
     task_ids: list[float] = []
     scenario = None
-    meta: dict[str, Any] = {}
-    for f in files:
-        _, meta = ContinualLearner.read_checkpoint(f)
+
+    def stored_config(meta: dict[str, Any]) -> RunConfig:
         stored = meta["config"]
         stored["train"]["progress"] = progress
         if data_root is not None:
             stored["data"]["root"] = data_root
-        cfg = config_mod.from_dict(stored)
-        # a fresh backbone per checkpoint: loading merges adapters into its weights in place
-        learner = ContinualLearner.load(f, backbone=create_backbone(cfg.backbone.name, cfg.backbone.weights))
-        learner.progress = make_progress(progress)
-        if scenario is None:
-            scenario = build_scenario(cfg, learner.backbone_info)
-        k = len(learner.task_classes)
-        if [list(t.classes) for t in scenario.tasks[:k]] != [list(c) for c in learner.task_classes]:
-            raise CheckpointError(f"{f.name}: the rebuilt class order differs from the checkpoint's; was the data changed?")
-        ev = learner.evaluate([scenario.test_dataset(i) for i in range(k)])
+        return config_mod.from_dict(stored)
+
+    for f, _, scenario, ev, _ in _evaluate_each(files, stored_config, progress):
         rows.append(ev["accuracy"])
         task_ids.append(ev["task_id_accuracy"])
         echo(f"{f.name}: accuracy per task {[round(a, 2) for a in ev['accuracy']]}, task-id {ev['task_id_accuracy']:.2f}%")
     assert scenario is not None
     sizes = [len(scenario.test_dataset(t)) for t in range(len(rows[-1]))]
+    _, meta = ContinualLearner.read_checkpoint(files[-1])
     stored_rows = meta.get("extra", {}).get("accuracy_rows") or []
     if len(files) == 1 and len(rows[0]) > 1:
         if len(stored_rows) != len(rows[0]):
