@@ -1,6 +1,7 @@
 """End to end through the command line: a small real run, its outputs, re-evaluation, bad input."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -83,6 +84,17 @@ def test_evaluate_reproduces_the_metrics(small_run, tmp_path):
     assert again["accuracy_matrix"] == stored["accuracy_matrix"]
     for key in ["final_accuracy", "average_incremental_accuracy", "forgetting", "task_id_accuracy"]:
         assert again[key] == pytest.approx(stored[key], abs=1e-9), key
+    assert again["max_difference_to_metrics_json"] == 0.0
+    assert "equals the run's metrics.json" in result.output
+    # a run folder whose metrics.json no longer matches what its checkpoints give is flagged
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    edited = json.loads((copy / "metrics.json").read_text())
+    edited["accuracy_matrix"][4][0] = edited["accuracy_matrix"][4][0] + 12.5
+    (copy / "metrics.json").write_text(json.dumps(edited))
+    result = invoke("evaluate", "--checkpoint", str(copy), "--no-progress")
+    assert result.exit_code == 0
+    assert "differs from the run's metrics.json by up to 12.50 points" in result.output
 
 
 def test_existing_output_is_refused_and_kept(small_run):

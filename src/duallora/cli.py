@@ -199,6 +199,14 @@ def evaluate(
         raise ConfigError(f"--output {output} must be a new JSON file (not a folder, not a run's metrics.json)")
     metrics = evaluate_checkpoints(checkpoint, echo=typer.echo, progress=progress, data_root=data_root)
     typer.echo(format_metrics_table(metrics))
+    diff = metrics.get("max_difference_to_metrics_json")
+    if diff is not None:
+        if diff < 1e-9:
+            typer.echo("the re-evaluated accuracy matrix equals the run's metrics.json")
+        else:
+            typer.echo(f"warning: the re-evaluated accuracy matrix differs from the run's metrics.json by up to "
+                       f"{diff:.2f} points: were the data (--data-root), the code or the run's files changed?",
+                       err=True)
     if output is not None:
         write_json_atomic(output, metrics)
         typer.echo(f"metrics written to {output}")

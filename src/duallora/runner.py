@@ -466,6 +466,19 @@ def evaluate_checkpoints(path: Path, *, echo: Echo = print, progress: bool = Tru
         R = build_matrix(rows)
     out = compute_metrics(R, sizes, task_id_accuracy=task_ids[-1])
     out["matches_stored_record"] = bool(stored_rows) and np.allclose(rows[-1], stored_rows[-1])
+    # the run's metrics.json, when there is one: the whole re-evaluated matrix against the stored one
+    run_metrics = files[-1].parent.parent / "metrics.json"
+    out["max_difference_to_metrics_json"] = None
+    if run_metrics.is_file():
+        try:
+            stored_matrix = json.loads(run_metrics.read_text())["accuracy_matrix"]
+            S = np.array([[np.nan if v is None else v for v in row] for row in stored_matrix], dtype=np.float64)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{run_metrics} is not a run's metrics file ({exc})") from exc
+        if S.shape == R.shape and np.array_equal(np.isnan(S), np.isnan(R)):
+            out["max_difference_to_metrics_json"] = float(np.nanmax(np.abs(S - R)))
+        else:
+            out["max_difference_to_metrics_json"] = float("inf")
     out["accuracy_matrix"] = [[None if np.isnan(v) else float(v) for v in row] for row in R]
     out["task_id_accuracy_after_task"] = task_ids
     out["checkpoints"] = [str(f) for f in files]
