@@ -321,12 +321,13 @@ def missing_keys(path: str | Path) -> list[str]:
     raw = raw if isinstance(raw, dict) else {}
     out = []
     for f in dataclasses.fields(RunConfig):
-        if not dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+        factory = f.default_factory
+        if factory is dataclasses.MISSING or not dataclasses.is_dataclass(factory):  # a plain key (seed)
             if f.name not in raw:
                 out.append(f.name)
             continue
         section = raw.get(f.name) if isinstance(raw.get(f.name), dict) else {}
-        out += [f"{f.name}.{g.name}" for g in dataclasses.fields(f.default_factory) if g.name not in section]
+        out += [f"{f.name}.{g.name}" for g in dataclasses.fields(factory) if g.name not in section]
     return out
 
 
