@@ -479,7 +479,7 @@ def calibrate(logits: torch.Tensor, posterior: torch.Tensor, sizes: list[int], m
         raise ValueError(f"unknown calibration {mode!r}")
     if len(set(sizes)) == 1:  # equal task sizes: one softmax over a (B, T, C_t) view
         B, T = logits.shape[0], len(sizes)
-        within3 = torch.softmax(logits.view(B, T, sizes[0]), dim=2)
+        within3 = torch.softmax(logits.reshape(B, T, sizes[0]), dim=2)
         within = within3.view(B, -1)
         if mode == "product":
             return (within3 * posterior[:, :, None]).view(B, -1)
