@@ -403,14 +403,19 @@ def test_inference_only_variants_are_derived_and_equal_trained_runs(finished, tm
                 "no-calibration": ["method.calibration=none"], "task-id-cosine": ["method.task_id_score=cosine"],
                 "gate-hard": ["method.gate=hard"]}  # a training change: never derived
     spec = tiny_spec(tmp_path / "spec.yaml", tiny, variants, seeds=(0,))
+    dry = invoke("compare", spec, "-o", out, "--seeds", "0", "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    assert dry.output.count("to derive from duallora's checkpoints") == 2 and "2 derived from checkpoints" in dry.output
     result = invoke("compare", spec, "-o", out, "--seeds", "0")
     assert result.exit_code == 0, result.output
     assert result.output.count("inference-only change from duallora") == 2
     for name in ("no-calibration", "task-id-cosine"):
         m = json.loads((out / "runs" / name / "seed-0" / "metrics.json").read_text())
-        assert m["derived_from"].endswith("runs/duallora/seed-0")
+        assert m["derived_from"] == "../../duallora/seed-0"  # relative: the compare folder can move
         assert m["train_time_s"] == json.loads((out / "runs/duallora/seed-0/metrics.json").read_text())["train_time_s"]
     assert "derived_from" not in json.loads((out / "runs/gate-hard/seed-0/metrics.json").read_text())
+    r = invoke("evaluate", "--checkpoint", out / "runs" / "no-calibration" / "seed-0", "--no-progress")
+    assert r.exit_code == 2 and "was derived from the checkpoints of" in r.output
     # trained from scratch (--no-derive) they give the same accuracy matrices, to the bit
     trained = tmp_path / "trained"
     result = invoke("compare", spec, "-o", trained, "--seeds", "0", "--only", "no-calibration,task-id-cosine",

@@ -514,12 +514,34 @@ def _reusable(run: PlannedRun) -> bool:
     return (run.folder / "metrics.json").is_file() and not _finished_differences(run.folder, run.cfg)
 
 
-def format_plan(planned: Sequence[PlannedRun], output: Path) -> str:
+def planned_derivations(planned: Sequence[PlannedRun]) -> dict[int, str]:
+    """Which runs to be made will be derived (:func:`_derivation_source`) rather than trained, as far
+    as the plan tells: ``{index in planned: source variant}`` for each run to run whose config is an
+    inference-only change from an earlier trained run of the same seed that is reused or runs first."""
+    from duallora.runner import inference_only_change
+
+    derived: dict[int, str] = {}
+    for i, p in enumerate(planned):
+        if p.action not in (RUN, RERUN):
+            continue
+        for j, q in enumerate(planned):
+            if j == i or j in derived or q.seed != p.seed or q.action not in (REUSE, RUN, RESUME, RERUN):
+                continue
+            if (q.action == REUSE or j < i) and inference_only_change(q.cfg, p.cfg):
+                derived[i] = q.variant
+                break
+    return derived
+
+
+def format_plan(planned: Sequence[PlannedRun], output: Path, derive: bool = True) -> str:
     """The plan as a text table: variant, seed, folder, action (and why)."""
     labels = {REUSE: "reused", RUN: "to run", RESUME: "to resume", RERUN: "to rerun (--overwrite)",
               SKIP: "skipped", CONFLICT: "CONFLICT"}
-    rows = [(p.variant, str(p.seed), str(p.folder), labels[p.action] + (f": {p.note}" if p.note else ""))
-            for p in planned]
+    derived = planned_derivations(planned) if derive else {}
+    rows = [(p.variant, str(p.seed), str(p.folder),
+             (f"to derive from {derived[i]}'s checkpoints" if i in derived else labels[p.action])
+             + (f": {p.note}" if p.note else ""))
+            for i, p in enumerate(planned)]
     head = ("variant", "seed", "folder", "action")
     widths = [max(len(head[i]), *(len(r[i]) for r in rows)) for i in range(3)]
     lines = [f"{head[0]:<{widths[0]}}  {head[1]:>{widths[1]}}  {head[2]:<{widths[2]}}  {head[3]}"]
@@ -527,7 +549,8 @@ def format_plan(planned: Sequence[PlannedRun], output: Path) -> str:
     counts = {k: sum(p.action == k for p in planned) for k in labels}
     todo = counts[RUN] + counts[RESUME] + counts[RERUN]
     lines.append(f"{len(planned)} runs in {output}: {counts[REUSE]} reused, {todo} to run"
-                 f" ({counts[RESUME]} resumed, {counts[RERUN]} replaced), {counts[SKIP]} skipped"
+                 f" ({counts[RESUME]} resumed, {counts[RERUN]} replaced, {len(derived)} derived from checkpoints),"
+                 f" {counts[SKIP]} skipped"
                  + (f", {counts[CONFLICT]} in conflict" if counts[CONFLICT] else ""))
     return "\n".join(lines)
 
@@ -900,7 +923,7 @@ def run_compare(spec: CompareSpec, output: str | Path, *, seeds: Optional[Sequen
                            echo=echo)
     conflicts = [p for p in planned if p.action == CONFLICT]
     if dry_run:
-        echo(format_plan(planned, output))
+        echo(format_plan(planned, output, derive))
     if conflicts:
         folders = ", ".join(str(p.folder.relative_to(output)) for p in conflicts[:8])
         more = f" and {len(conflicts) - 8} more" if len(conflicts) > 8 else ""

@@ -11,6 +11,7 @@ earlier run's outputs (field-lessons.md, lessons 9 and 11).
 from __future__ import annotations
 
 import json
+import os
 import platform
 import re
 import time
@@ -328,7 +329,8 @@ def derive_run(source: Path, cfg: RunConfig, output: Path, *, overwrite: bool = 
     Every task checkpoint of ``source`` is loaded with ``cfg`` (an inference-only change, see
     :func:`inference_only_change`) and evaluated as the run would have after that task; the run
     folder written to ``output`` has the same files as :func:`run_experiment`'s except the
-    checkpoints (they would equal ``source``'s), and ``metrics.json`` names ``derived_from``.
+    checkpoints (they would equal ``source``'s), and ``metrics.json`` names ``derived_from`` (the
+    source folder, relative to ``output``) and ``derived_keys`` (the keys such a change may touch).
     Its ``train_time_s`` is the source's (the same training), its evaluation times are measured.
 
     Raises:
@@ -367,7 +369,7 @@ def derive_run(source: Path, cfg: RunConfig, output: Path, *, overwrite: bool = 
                            eval_time, last_eval_s, last_eval_images)
     metrics.update({"wall_time_s": time.perf_counter() - wall_start, "resumed_after_task": None,
                     "device": str(learner.device), "world_size": 1,
-                    "derived_from": str(source), "derived_keys": sorted(f"{a}.{b}" for a, b in INFERENCE_ONLY_KEYS)})
+                    "derived_from": os.path.relpath(source, Path(output)), "derived_keys": sorted(f"{a}.{b}" for a, b in INFERENCE_ONLY_KEYS)})
     _write_outputs(stage, cfg, scenario, metrics, learner.history)
     metrics["output"] = str(rundir.commit())
     return metrics
@@ -437,6 +439,13 @@ def evaluate_checkpoints(path: Path, *, echo: Echo = print, progress: bool = Tru
     Raises:
         CheckpointError, DataError, BackboneError.
     """
+    derived = Path(path) / "metrics.json"
+    if derived.is_file() and not (Path(path) / "checkpoints").is_dir():
+        source = json.loads(derived.read_text()).get("derived_from")
+        if source:
+            raise CheckpointError(f"{path} was derived from the checkpoints of {Path(path) / source} (an inference-only "
+                                  "change, see docs/compare.md) and has none of its own; evaluate that run, or "
+                                  "derive again with duallora compare")
     files = find_checkpoints(Path(path))
     rows: list[list[float]] = []
     task_ids: list[float] = []
