@@ -6,6 +6,17 @@ from torch.utils.data import TensorDataset
 from duallora.backbones import BackboneInfo, state_dict_sha256
 
 TASKS = [(7, 3), (0, 9), (5, 1)]
+#: Training overrides for the tiny synthetic tasks (one thread: a second busy thread on a shared CPU
+#: slows torch down 100-fold).
+SMALL_TRAINING = [
+    "train.progress=false",
+    "train.epochs=1",
+    "train.batch_size=10",
+    "train.eval_batch_size=64",
+    "train.device=cpu",
+    "train.lr=0.01",
+    "train.threads=1",
+]
 
 
 def small_backbone(seed: int = 0, dim: int = 32, depth: int = 2):

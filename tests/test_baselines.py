@@ -18,17 +18,9 @@ from duallora.config import load_config
 from duallora.errors import ConfigError
 from duallora.methods import METHODS, build_method
 from duallora.training import ContinualLearner
-from tests.synthetic import TASKS, make_data, small_backbone
+from tests.synthetic import SMALL_TRAINING, TASKS, make_data, small_backbone
 
-BASE = [
-    "train.progress=false",
-    "train.epochs=1",
-    "train.batch_size=10",
-    "train.eval_batch_size=64",
-    "train.device=cpu",
-    "train.lr=0.01",
-    "train.threads=1",
-]
+BASE = SMALL_TRAINING
 BASELINES = ["inflora", "sd-lora", "l2p", "simplecil", "fecam", "joint"]
 TRAINING_FREE = {"simplecil", "fecam"}
 

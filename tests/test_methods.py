@@ -18,18 +18,9 @@ from duallora.config import load_config
 from duallora.errors import CheckpointError, TrainingError
 from duallora.methods import DualLoRA, calibrate
 from duallora.training import ContinualLearner
-from tests.synthetic import TASKS, images_of, make_data, small_backbone
+from tests.synthetic import SMALL_TRAINING, TASKS, images_of, make_data, small_backbone
 
-BASE = [
-    "train.progress=false",
-    "train.epochs=1",
-    "train.batch_size=10",
-    "train.eval_batch_size=64",
-    "train.device=cpu",
-    "train.lr=0.01",
-    "method.gate_layer=1",  # the small test ViT has 2 blocks
-    "train.threads=1",  # a second busy thread on a shared CPU slows torch down 100-fold
-]
+BASE = SMALL_TRAINING + ["method.gate_layer=1"]  # the small test ViT has 2 blocks
 
 
 # ---------------------------------------------------------------------- helpers
