@@ -20,13 +20,39 @@ than copying model code.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 GateFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+class ParameterCache:
+    """A value computed from some tensors, reused while none of them changed.
+
+    The key is each tensor's identity, in-place version counter, dtype and device, so an optimiser
+    step, a load, a new tensor or a move to another device or dtype all rebuild the value. Only
+    ``cacheable`` calls store or reuse it (callers pass False when the value must carry autograd).
+    """
+
+    def __init__(self) -> None:
+        self._key: Optional[tuple] = None
+        self._value: Any = None
+
+    def get(self, tensors: list[torch.Tensor], build: Callable[[], Any], cacheable: bool = True) -> Any:
+        """``build()``, or the stored result of an earlier call with the same, unchanged ``tensors``."""
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+        if cacheable and self._key == key:
+            return self._value
+        value = build()
+        if cacheable:
+            self._key, self._value = key, value
+        return value
+
+    def clear(self) -> None:
+        self._key, self._value = None, None
 
 
 class AdaptedLinear(nn.Module):
@@ -62,7 +88,7 @@ class AdaptedLinear(nn.Module):
         self.gate_fn: Optional[GateFn] = None
         self.fixed_gates: Optional[torch.Tensor] = None
         self.recorder: Optional[Callable[[torch.Tensor], None]] = None
-        self._res_stack: Optional[tuple[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = None
+        self._res_stack = ParameterCache()
 
     # ------------------------------------------------------------------ construction
     def add_orthogonal(self, A: torch.Tensor) -> nn.Parameter:
@@ -112,7 +138,7 @@ class AdaptedLinear(nn.Module):
         B = nn.Parameter(torch.zeros(self.out_features, P.shape[1], device=w.device, dtype=w.dtype))
         self.res_B.append(B)
         self.res_tasks.append(task)
-        self._res_stack = None
+        self._res_stack.clear()
         return B
 
     def add_lora(self, rank: int, generator: Optional[torch.Generator] = None) -> list[nn.Parameter]:
@@ -146,18 +172,15 @@ class AdaptedLinear(nn.Module):
         every call, so that gradients reach it.
         """
         params = list(self.res_P) + list(self.res_B)
+
+        def build() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            P = torch.cat(list(self.res_P), dim=1)
+            ranks = torch.tensor([p.shape[1] for p in self.res_P], device=P.device)
+            cols = torch.repeat_interleave(torch.arange(len(self.res_P), device=P.device), ranks)
+            return P, torch.cat(list(self.res_B), dim=1), cols
+
         cacheable = not torch.is_grad_enabled() or not any(p.requires_grad for p in params)
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
-        if cacheable and self._res_stack is not None and self._res_stack[0] == key:
-            return self._res_stack[1]
-        P = torch.cat(list(self.res_P), dim=1)
-        B = torch.cat(list(self.res_B), dim=1)
-        ranks = torch.tensor([p.shape[1] for p in self.res_P], device=P.device)
-        cols = torch.repeat_interleave(torch.arange(len(self.res_P), device=P.device), ranks)
-        stack = (P, B, cols)
-        if cacheable:
-            self._res_stack = (key, stack)
-        return stack
+        return self._res_stack.get(params, build, cacheable)
 
     def residual_gates(self, h: torch.Tensor) -> Optional[torch.Tensor]:
         """Gates ``(B, J)`` (or ``(J,)`` when fixed) for this input, or None when no residual is active."""

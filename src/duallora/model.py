@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from duallora.adapters import AdaptedLinear
+from duallora.adapters import AdaptedLinear, ParameterCache
 
 MODULE_PATHS = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
 
@@ -54,7 +54,7 @@ class AdaptedViT(nn.Module):
                 setattr(parent, attr, wrapped)
                 self.adapted[f"blocks.{i}.{MODULE_PATHS[key]}"] = wrapped
         self.heads = nn.ModuleList()
-        self._head_stack: tuple | None = None
+        self._head_stack = ParameterCache()
 
     # ------------------------------------------------------------------ layers
     def adapted_layers(self) -> Iterator[tuple[str, AdaptedLinear]]:
@@ -72,7 +72,7 @@ class AdaptedViT(nn.Module):
         p = next(self.backbone.parameters())
         head = head.to(device=p.device, dtype=p.dtype)
         self.heads.append(head)
-        self._head_stack = None
+        self._head_stack.clear()
         return head
 
     @property
@@ -104,14 +104,9 @@ class AdaptedViT(nn.Module):
         inference instead of one per task. Cached without autograd, keyed on the parameters'
         identity and in-place version counters (an optimiser step or a load rebuilds it)."""
         params = [p for h in self.heads for p in (h.weight, h.bias)]
-        cacheable = not torch.is_grad_enabled()
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
-        if cacheable and self._head_stack is not None and self._head_stack[0] == key:
-            return self._head_stack[1]
-        stack = (torch.cat([h.weight for h in self.heads]), torch.cat([h.bias for h in self.heads]))
-        if cacheable:
-            self._head_stack = (key, stack)
-        return stack
+        return self._head_stack.get(
+            params, lambda: (torch.cat([h.weight for h in self.heads]), torch.cat([h.bias for h in self.heads])),
+            cacheable=not torch.is_grad_enabled())
 
     def set_fixed_gates(self, task: int | None) -> None:
         """Gate the residual adapters for every image alike: task ``task`` on, others off.

@@ -208,8 +208,7 @@ class ContinualLearner:
         n = self.cfg.method.stat_images
         if n is None or "stat_images" not in config_mod.METHOD_KEYS[self.cfg.method.name] or n >= len(data):
             return data
-        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + task * 101 + 3)
-        keep = torch.randperm(len(data), generator=g)[:n].sort().values.tolist()
+        keep = torch.randperm(len(data), generator=self.method.task_generator(task, stream=3))[:n].sort().values.tolist()
         return Subset(data, keep)
 
     def _optimizer(self, groups: dict[str, list[nn.Parameter]]) -> torch.optim.Optimizer:
