@@ -5,9 +5,11 @@ Two kinds of backbone:
 * Any timm ``VisionTransformer`` by its full name with the pretrained tag, e.g.
   ``vit_base_patch16_224.augreg_in21k`` (field-lessons.md, lesson 1). Weights come from a local file
   (``weights=PATH``, .safetensors or .pth) or, where the network allows, from the Hugging Face hub.
-* The project's own offline default ``vit_tiny_patch7_28.duallora_mnist``: a small timm
-  ``VisionTransformer`` (28x28x1 input, patch 7, width 192, depth 6, 3 heads) pre-trained on MNIST by
-  ``duallora pretrain`` and shipped inside the package (see docs/pretraining.md).
+* The project's own shipped backbones (:data:`SHIPPED`, docs/pretraining.md): the offline default
+  ``vit_tiny_patch7_28.duallora_mnist`` (28x28x1 input, patch 7, width 192, depth 6, 3 heads,
+  pre-trained on MNIST) and the natural-image ``vit_tiny_patch4_32.duallora_tinyimagenet100``
+  (32x32x3, patch 4, pre-trained on the pre-training half of Tiny-ImageNet), both small timm
+  ``VisionTransformer`` models shipped inside the package.
 
 Every backbone is returned frozen (``requires_grad=False``, eval mode) together with a
 :class:`BackboneInfo` that records its name and the sha256 of its weights.
@@ -27,18 +29,60 @@ from torch import nn
 
 from duallora.errors import BackboneError
 
-SHIPPED_NAME = "vit_tiny_patch7_28.duallora_mnist"
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-SHIPPED_WEIGHTS = WEIGHTS_DIR / "vit_tiny_patch7_28_mnist.safetensors"
-SHIPPED_RECORD = WEIGHTS_DIR / "vit_tiny_patch7_28_mnist.json"
 
-#: Architecture of the shipped backbone (timm ``VisionTransformer`` keyword arguments).
-SHIPPED_ARCH: dict[str, Any] = dict(
-    img_size=28, patch_size=7, in_chans=1, embed_dim=192, depth=6, num_heads=3, mlp_ratio=4.0
-)
-#: Input normalisation of the shipped backbone (MNIST pixel statistics, values in [0, 1]).
-SHIPPED_MEAN = (0.1307,)
-SHIPPED_STD = (0.3081,)
+
+@dataclass(frozen=True)
+class ShippedBackbone:
+    """A backbone this project pre-trained and ships inside the package (docs/pretraining.md).
+
+    Attributes:
+        name: full name ``<architecture>.<tag>``.
+        weights: the float16 ``.safetensors`` file (state dict of a timm ``VisionTransformer``, no head).
+        record: the JSON record written beside it by the pre-training run.
+        arch: timm ``VisionTransformer`` keyword arguments.
+        mean, std: per-channel input normalisation of images in [0, 1].
+    """
+
+    name: str
+    weights: Path
+    record: Path
+    arch: dict
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+#: The shipped backbones by name: adding one is one entry here plus its two files in ``weights/``.
+SHIPPED: dict[str, ShippedBackbone] = {
+    b.name: b
+    for b in (
+        ShippedBackbone(
+            "vit_tiny_patch7_28.duallora_mnist", WEIGHTS_DIR / "vit_tiny_patch7_28_mnist.safetensors",
+            WEIGHTS_DIR / "vit_tiny_patch7_28_mnist.json",
+            dict(img_size=28, patch_size=7, in_chans=1, embed_dim=192, depth=6, num_heads=3, mlp_ratio=4.0),
+            (0.1307,), (0.3081,),
+        ),
+        ShippedBackbone(
+            "vit_tiny_patch4_32.duallora_tinyimagenet100",
+            WEIGHTS_DIR / "vit_tiny_patch4_32_tinyimagenet100.safetensors",
+            WEIGHTS_DIR / "vit_tiny_patch4_32_tinyimagenet100.json",
+            dict(img_size=32, patch_size=4, in_chans=3, embed_dim=192, depth=6, num_heads=3, mlp_ratio=4.0),
+            (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+        ),
+    )
+}
+
+#: The offline default backbone (MNIST-pre-trained) and its files.
+SHIPPED_NAME = "vit_tiny_patch7_28.duallora_mnist"
+SHIPPED_WEIGHTS = SHIPPED[SHIPPED_NAME].weights
+SHIPPED_RECORD = SHIPPED[SHIPPED_NAME].record
+#: Architecture of the default shipped backbone (timm ``VisionTransformer`` keyword arguments).
+SHIPPED_ARCH: dict[str, Any] = SHIPPED[SHIPPED_NAME].arch
+#: Input normalisation of the default shipped backbone (MNIST pixel statistics, values in [0, 1]).
+SHIPPED_MEAN = SHIPPED[SHIPPED_NAME].mean
+SHIPPED_STD = SHIPPED[SHIPPED_NAME].std
+#: The natural-image shipped backbone (pre-trained on the pre-training half of Tiny-ImageNet).
+TINY_IMAGENET_NAME = "vit_tiny_patch4_32.duallora_tinyimagenet100"
 
 
 @dataclass
@@ -90,11 +134,11 @@ def state_dict_sha256(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def build_shipped_architecture() -> nn.Module:
-    """The shipped backbone's architecture with random weights and no classifier (num_classes=0)."""
+def build_shipped_architecture(name: str = SHIPPED_NAME) -> nn.Module:
+    """A shipped backbone's architecture with random weights and no classifier (num_classes=0)."""
     from timm.models.vision_transformer import VisionTransformer
 
-    return VisionTransformer(num_classes=0, **SHIPPED_ARCH)
+    return VisionTransformer(num_classes=0, **SHIPPED[name].arch)
 
 
 def _freeze(model: nn.Module) -> nn.Module:
@@ -129,8 +173,16 @@ def _load_state_file(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _create_shipped(weights: Optional[str]) -> tuple[nn.Module, BackboneInfo]:
-    path = Path(weights) if weights else SHIPPED_WEIGHTS
+def _shipped_info(spec: ShippedBackbone, name: str, weights_path: Optional[str], sha256: str,
+                  sha256_of: str) -> BackboneInfo:
+    a = spec.arch
+    return BackboneInfo(name=name, weights_path=weights_path, sha256=sha256, sha256_of=sha256_of,
+                        input_size=(a["in_chans"], a["img_size"], a["img_size"]), mean=spec.mean, std=spec.std,
+                        embed_dim=a["embed_dim"])
+
+
+def _create_shipped(spec: ShippedBackbone, weights: Optional[str]) -> tuple[nn.Module, BackboneInfo]:
+    path = Path(weights) if weights else spec.weights
     if weights and not path.is_file():
         raise BackboneError(f"weights file {weights!r} does not exist; pass an existing .safetensors/.pth file")
     if not path.is_file():
@@ -138,26 +190,16 @@ def _create_shipped(weights: Optional[str]) -> tuple[nn.Module, BackboneInfo]:
             f"the shipped backbone weights {str(path)!r} are missing; regenerate them with "
             "`duallora pretrain` (see docs/pretraining.md) or pass backbone.weights=PATH"
         )
-    model = build_shipped_architecture()
+    model = build_shipped_architecture(spec.name)
     state = {k: v.float() for k, v in _load_state_file(path).items()}
     state = {k: v for k, v in state.items() if not k.startswith("head.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise BackboneError(
-            f"weights file {str(path)!r} does not fit {SHIPPED_NAME}: missing {list(missing)[:5]}, "
+            f"weights file {str(path)!r} does not fit {spec.name}: missing {list(missing)[:5]}, "
             f"unexpected {list(unexpected)[:5]}"
         )
-    info = BackboneInfo(
-        name=SHIPPED_NAME,
-        weights_path=str(path),
-        sha256=file_sha256(path),
-        sha256_of="file",
-        input_size=(SHIPPED_ARCH["in_chans"], SHIPPED_ARCH["img_size"], SHIPPED_ARCH["img_size"]),
-        mean=SHIPPED_MEAN,
-        std=SHIPPED_STD,
-        embed_dim=SHIPPED_ARCH["embed_dim"],
-    )
-    return _freeze(model), info
+    return _freeze(model), _shipped_info(spec, spec.name, str(path), file_sha256(path), "file")
 
 
 def _create_timm(name: str, weights: Optional[str], pretrained: bool) -> tuple[nn.Module, BackboneInfo]:
@@ -247,28 +289,20 @@ def create_backbone(
         BackboneError: unknown name, missing/unreadable weights, or weights that cannot be
             downloaded (with how to supply a local file).
     """
-    if name == SHIPPED_NAME:
+    if name in SHIPPED:
+        spec = SHIPPED[name]
         if not pretrained:
-            model = build_shipped_architecture()
-            info = BackboneInfo(
-                name=SHIPPED_NAME + "(random)",
-                weights_path=None,
-                sha256=state_dict_sha256(model),
-                sha256_of="state_dict",
-                input_size=(1, 28, 28),
-                mean=SHIPPED_MEAN,
-                std=SHIPPED_STD,
-                embed_dim=SHIPPED_ARCH["embed_dim"],
-            )
-            return _freeze(model), info
-        return _create_shipped(weights)
+            model = build_shipped_architecture(name)
+            return _freeze(model), _shipped_info(spec, name + "(random)", None, state_dict_sha256(model), "state_dict")
+        return _create_shipped(spec, weights)
     return _create_timm(name, weights, pretrained)
 
 
-def shipped_record() -> dict[str, Any]:
-    """The JSON record written by ``duallora pretrain`` for the shipped weights ({} if absent)."""
-    if SHIPPED_RECORD.is_file():
-        return json.loads(SHIPPED_RECORD.read_text())
+def shipped_record(name: str = SHIPPED_NAME) -> dict[str, Any]:
+    """The JSON record written by ``duallora pretrain`` for a shipped backbone's weights ({} if absent)."""
+    path = SHIPPED[name].record
+    if path.is_file():
+        return json.loads(path.read_text())
     return {}
 
 
