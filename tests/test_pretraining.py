@@ -1,0 +1,87 @@
+"""Tests of duallora.pretraining: the general ViT pre-training recipe (augmentation, resume, outputs)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from duallora.backbones import file_sha256
+from duallora.errors import TrainingError
+from duallora.pretraining import PretrainRecipe, augment_batch, checkpoint_path, pretrain_vit
+
+from data.test_tiny_imagenet import write_layout
+
+
+def tiny_recipe(root, **kw) -> PretrainRecipe:
+    base = dict(name="vit_test_patch4_8.tiny", root=str(root), classes=None, image_size=8, patch_size=4,
+                embed_dim=16, depth=1, num_heads=2, epochs=3, batch_size=4, warmup_epochs=1.0)
+    base.update(kw)
+    return PretrainRecipe(**base)
+
+
+@pytest.fixture
+def root(tmp_path):
+    write_layout(tmp_path / "data" / "tiny", 16, train_per_class=6, val_per_class=2)
+    return tmp_path / "data"
+
+
+def test_augment_batch_identity_crop_and_flip():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
+    full = PretrainRecipe(image_size=8, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip=False)
+    out = augment_batch(x, full, torch.Generator().manual_seed(0))
+    assert torch.allclose(out, x, atol=1e-4)  # a crop of the whole image at the same size is the image
+    flips = PretrainRecipe(image_size=8, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip=True)
+    outs = [augment_batch(x, flips, torch.Generator().manual_seed(s)) for s in range(8)]
+    flipped = [torch.allclose(o[0], x[0].flip(-1), atol=1e-4) for o in outs]
+    kept = [torch.allclose(o[0], x[0], atol=1e-4) for o in outs]
+    assert all(f or k for f, k in zip(flipped, kept)) and any(flipped) and any(kept)
+    small = PretrainRecipe(image_size=4, crop_scale=(0.25, 0.25), crop_ratio=(1.0, 1.0), flip=False)
+    crop = augment_batch(x, small, torch.Generator().manual_seed(0))
+    assert crop.shape == (2, 3, 4, 4)
+    a = augment_batch(x, small, torch.Generator().manual_seed(3))
+    assert torch.equal(a, augment_batch(x, small, torch.Generator().manual_seed(3)))
+
+
+def test_pretrain_writes_weights_and_record(root, tmp_path):
+    out = tmp_path / "out" / "w.safetensors"
+    rec = pretrain_vit(tiny_recipe(root), out, device="cpu", precision="fp32", progress=False)
+    assert json.loads(out.with_suffix(".json").read_text()) == rec
+    assert rec["sha256"] == file_sha256(out) and rec["epochs"] == 3
+    assert len(rec["top1_per_epoch"]) == 3 and 0.0 <= rec["top1"] <= 100.0
+    assert rec["classes"] == ["n0000001", "n0000002", "n0000003"]
+    assert rec["data_sha256"] and rec["architecture"]["patch_size"] == 4
+    state = load_file(str(out))
+    assert all(v.dtype == torch.float16 for v in state.values())
+    assert not any(k.startswith("head") for k in state)
+    assert not checkpoint_path(out).exists()  # the resumable checkpoint is removed once done
+
+
+def test_killed_and_resumed_gives_the_same_weights(root, tmp_path):
+    a = tmp_path / "a.safetensors"
+    b = tmp_path / "b.safetensors"
+    recipe = tiny_recipe(root, drop_path=0.1)
+    pretrain_vit(recipe, a, device="cpu", precision="fp32", progress=False)
+    stopped = pretrain_vit(recipe, b, device="cpu", precision="fp32", progress=False, stop_after_epoch=1)
+    assert stopped == {"stopped_after_epoch": 1} and checkpoint_path(b).is_file() and not b.exists()
+    rec_b = pretrain_vit(recipe, b, device="cpu", precision="fp32", progress=False)
+    sa, sb = load_file(str(a)), load_file(str(b))
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert rec_b["top1_per_epoch"] == json.loads(a.with_suffix(".json").read_text())["top1_per_epoch"]
+    # a checkpoint of another recipe is refused, not silently mixed in
+    pretrain_vit(recipe, tmp_path / "c.safetensors", device="cpu", precision="fp32", progress=False,
+                 stop_after_epoch=1)
+    with pytest.raises(TrainingError, match="another recipe"):
+        pretrain_vit(tiny_recipe(root, lr=2e-3), tmp_path / "c.safetensors", device="cpu", progress=False)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(epochs=0), "epochs"), (dict(lr=float("nan")), "lr"), (dict(image_size=10), "multiple of patch_size"),
+    (dict(crop_scale=(0.5, 0.2)), "crop_scale"),
+])
+def test_bad_recipes_are_refused(root, tmp_path, change, match):
+    with pytest.raises(TrainingError, match=match):
+        pretrain_vit(tiny_recipe(root, **change), tmp_path / "w.safetensors", progress=False)
+    assert not (tmp_path / "w.safetensors").exists()
