@@ -10,6 +10,8 @@ TASKS = [(7, 3), (0, 9), (5, 1)]
 #: slows torch down 100-fold).
 SMALL_TRAINING = [
     "train.progress=false",
+    "train.min_steps=0",  # tiny tasks train exactly train.epochs (the budget rule: tests/test_budget.py)
+    "train.max_batch_fraction=null",
     "train.epochs=1",
     "train.batch_size=10",
     "train.eval_batch_size=64",

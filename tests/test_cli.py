@@ -16,7 +16,7 @@ from duallora.cli import app
 pytestmark = pytest.mark.skipif(not SHIPPED_WEIGHTS.is_file(), reason="shipped backbone weights missing")
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
-SMALL = ["data.train_per_class=30", "data.test_per_class=10", "train.epochs=1", "train.progress=false",
+SMALL = ["train.min_steps=0", "train.max_batch_fraction=null", "data.train_per_class=30", "data.test_per_class=10", "train.epochs=1", "train.progress=false",
          "train.batch_size=32"]
 OUTPUTS = ["config.yaml", "metrics.json", "accuracy_matrix.csv", "class_order.json", "accuracy_matrix.png",
            "accuracy_curve.png", "history.json"]

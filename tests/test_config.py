@@ -110,3 +110,82 @@ def test_preset_keys_for_other_methods_are_reset_not_errors(tmp_path):
 def test_a_config_file_given_as_override_hints_at_config_option():
     with pytest.raises(ConfigError, match="use --config configs/default.yaml"):
         load_config(None, ["configs/default.yaml"])
+
+
+# ------------------------------------------------------------------ non-finite floats (issue 9)
+
+NON_FINITE = ["nan", "inf", "-inf", ".nan", "-.inf", "1e999"]
+
+
+def test_float_keys_are_found_from_the_field_types():
+    from duallora.config import float_keys
+
+    keys = float_keys()
+    for key in ("train.lr", "train.head_lr", "train.weight_decay", "train.momentum", "data.test_fraction",
+                "data.crop_pct", "method.tau_id", "method.ridge", "method.energy_threshold_start",
+                "method.confidence_threshold", "method.prompt_key_weight"):
+        assert key in keys
+    assert "train.epochs" not in keys and "seed" not in keys and "data.split_train" not in keys
+    assert all(isinstance(getattr(getattr(RunConfig(), k.split(".")[0]), k.split(".")[1]), (float, type(None)))
+               for k in keys)
+
+
+@pytest.mark.parametrize("value", NON_FINITE)
+def test_non_finite_learning_rate_is_rejected(value):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"train.lr={value}"])
+    shown = "nan" if "nan" in value else ("-inf" if value.startswith("-") else "inf")
+    assert str(err.value) == (
+        f"train.lr={shown} is not a finite number (NaN and infinity are not allowed); "
+        "set train.lr to a finite value, e.g. train.lr=0.0005 (its default)"
+    )
+
+
+def test_every_float_key_rejects_nan_and_infinity():
+    from duallora.config import float_keys
+
+    for key in float_keys():
+        for value in ("nan", "inf", "-inf"):
+            with pytest.raises(ConfigError) as err:
+                load_config(None, [f"{key}={value}"])
+            assert str(err.value).startswith(f"{key}={value} is not a finite number"), (key, value, str(err.value))
+            assert f"set {key} to a finite value" in str(err.value)
+
+
+def test_non_finite_in_a_file_or_stored_config_is_rejected(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("method:\n  tau_id: .nan\n")
+    with pytest.raises(ConfigError, match=r"^method\.tau_id=nan is not a finite number.*method\.tau_id=0\.02"):
+        load_config(p)
+    stored = to_dict(load_config(None))
+    stored["data"]["crop_pct"] = float("inf")
+    with pytest.raises(ConfigError, match=r"^data\.crop_pct=inf is not a finite number.*data\.crop_pct=null"):
+        from_dict(stored)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_cli_refuses_non_finite_lr_before_writing(tmp_path, value):
+    from typer.testing import CliRunner
+
+    from duallora.cli import app
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["run", "-o", str(out), f"train.lr={value}"])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert lines == [
+        f"error: train.lr={value} is not a finite number (NaN and infinity are not allowed); "
+        "set train.lr to a finite value, e.g. train.lr=0.0005 (its default)"
+    ]
+    assert result.stdout == ""
+    assert "Traceback" not in result.output
+    assert not out.exists()
+    assert not Path(str(out) + ".partial").exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_check_images_key():
+    assert load_config(None).data.check_images is True
+    assert load_config(None, ["data.check_images=false"]).data.check_images is False
+    with pytest.raises(ConfigError, match="data.check_images"):
+        load_config(None, ["data.check_images=maybe"])

@@ -16,7 +16,7 @@ from duallora.cli import app
 from duallora.distributed import GlobalBatchSampler
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
-SMALL = ["data.train_per_class=40", "data.test_per_class=10", "train.epochs=2", "train.progress=false",
+SMALL = ["train.min_steps=0", "train.max_batch_fraction=null", "data.train_per_class=40", "data.test_per_class=10", "train.epochs=2", "train.progress=false",
          "train.batch_size=16", "train.threads=1"]
 
 

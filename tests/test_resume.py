@@ -19,7 +19,7 @@ FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 pytestmark = pytest.mark.skipif(not (SHIPPED_WEIGHTS.is_file() and FMNIST.is_file()),
                                 reason="needs the shipped weights and the Fashion-MNIST files")
 
-SMALL = ["data.train_per_class=40", "data.test_per_class=10", "train.epochs=2", "train.progress=false",
+SMALL = ["train.min_steps=0", "train.max_batch_fraction=null", "data.train_per_class=40", "data.test_per_class=10", "train.epochs=2", "train.progress=false",
          "train.batch_size=16", "train.threads=1"]
 TIMING = {"train_time_s", "eval_time_s", "final_eval_time_s", "inference_ms_per_image", "wall_time_s",
           "resumed_after_task", "output"}

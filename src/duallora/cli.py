@@ -1,15 +1,20 @@
 """The ``duallora`` command line (also ``python -m duallora``).
 
 Commands: ``run`` (learn a class-incremental scenario), ``compare`` (several methods/ablations x seeds
-with a summary), ``evaluate`` (re-evaluate saved checkpoints), ``pretrain`` (regenerate the shipped
-MNIST-pre-trained backbone). A user error prints one line
-``error: ...`` naming the cause and the fix and exits with status 2; an interrupted run exits 130.
+with a summary), ``evaluate`` (re-evaluate saved checkpoints), ``predict`` (classify image files with a
+trained run), ``pretrain`` (regenerate the shipped MNIST-pre-trained backbone). A user error prints one line
+``error: ...`` naming the cause and the fix and exits with status 2; an interrupted run exits 130
+(Ctrl-C, SIGINT) or 143 (SIGTERM: ``run`` and ``compare`` treat it as Ctrl-C and name the command that
+continues the unfinished run).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -34,11 +39,42 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+#: The signal that :func:`terminate_as_interrupt` turned into KeyboardInterrupt (empty: none, or Ctrl-C).
+_TERMINATED: list[int] = []
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt():
+    """While inside, SIGTERM (``kill PID``) interrupts like Ctrl-C: it raises KeyboardInterrupt.
+
+    The run then stops the way Ctrl-C stops it (the unfinished run is kept and the command that
+    continues it is printed), and :func:`user_errors` exits with 143 instead of 130. A second SIGTERM
+    while the first is handled is ignored. The previous handler is restored on leaving; outside the
+    main thread (where handlers cannot be set) nothing changes.
+    """
+    def handler(signum, frame):
+        if not _TERMINATED:
+            _TERMINATED.append(signum)
+            raise KeyboardInterrupt
+
+    _TERMINATED.clear()
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread of the interpreter
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def user_errors(fn: Callable) -> Callable:
-    """Turn DualLoRAError into a one-line message and exit 2; Ctrl-C into exit 130."""
+    """Turn DualLoRAError into a one-line message and exit 2; Ctrl-C into exit 130, SIGTERM into 143."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        _TERMINATED.clear()
         try:
             return fn(*args, **kwargs)
         except DualLoRAError as exc:
@@ -47,7 +83,13 @@ def user_errors(fn: Callable) -> Callable:
             _fail(f"{exc.strerror or exc}: {exc.filename or ''}; check the path and its permissions")
         except KeyboardInterrupt as exc:
             # run_experiment names the unfinished run's folder; elsewhere nothing was half-written
-            _fail(str(exc) or "interrupted; earlier outputs are untouched", 130)
+            message = str(exc) or "interrupted; earlier outputs are untouched"
+            if _TERMINATED:
+                name = signal.Signals(_TERMINATED[0]).name
+                if message.startswith("interrupted"):
+                    message = f"terminated by {name}" + message[len("interrupted"):]
+                _fail(message, 128 + _TERMINATED[0])
+            _fail(message, 130)
 
     return wrapper
 
@@ -65,6 +107,8 @@ def run(
     resume: Optional[Path] = typer.Option(
         None, "--resume", help="Continue the interrupted run in this folder after its last finished task "
         "(its own config is used; a --config/overrides that differ from it are refused)."),
+    progress: Optional[bool] = typer.Option(
+        None, "--progress/--no-progress", help="Show or hide progress bars (sets train.progress; default: the config's)."),
 ) -> None:
     """Learn tasks one after another and evaluate after each without task labels.
 
@@ -76,6 +120,8 @@ def run(
 
     from duallora.errors import ConfigError
 
+    if progress is not None:  # last, so it wins over a train.progress=... among the overrides
+        overrides = list(overrides or []) + [f"train.progress={str(progress).lower()}"]
     given = config is not None or bool(overrides)
     if resume is not None and resume.name.endswith(".partial"):  # the staging folder itself was given
         resume = resume.with_name(resume.name[: -len(".partial")])
@@ -99,12 +145,16 @@ def run(
     from duallora.reporting import format_metrics_table
     from duallora.runner import run_experiment
 
-    if resume is not None:
-        if output is not None and Path(output) != Path(resume):
-            raise ConfigError("--resume DIR continues DIR; do not pass a different --output")
-        metrics = run_experiment(cfg, resume, resume=True, echo=typer.echo)
-    else:
-        metrics = run_experiment(cfg, output, overwrite=overwrite, echo=typer.echo)
+    protect = [config] if config is not None else []  # --overwrite must not delete the config file read
+    with terminate_as_interrupt():
+        if resume is not None:
+            if output is not None and Path(output) != Path(resume):
+                raise ConfigError("--resume DIR continues DIR; do not pass a different --output")
+            metrics = run_experiment(cfg, resume, resume=True, echo=typer.echo, protect=protect)
+        else:
+            command = (["--config", str(config)] if config is not None else []) + list(overrides or [])
+            metrics = run_experiment(cfg, output, overwrite=overwrite, echo=typer.echo, protect=protect,
+                                     command=command)
     if "output" in metrics:  # under torchrun only rank 0 writes and reports
         typer.echo(format_metrics_table(metrics))
         typer.echo(f"outputs written to {metrics['output']}")
@@ -170,17 +220,49 @@ def compare(
                           "or --methods duallora,frozen")
     if progress is not None:
         overrides.append(f"train.progress={str(progress).lower()}")
-    result = run_compare(spec, output, seeds=seed_list, extra_overrides=overrides, only=parse_names(only), derive=derive,
-                         overwrite=overwrite, dry_run=dry_run, echo=typer.echo, verbose=verbose)
+    again = _compare_command(items, output, seeds, only, methods, overwrite, progress, verbose, derive)
+    try:
+        with terminate_as_interrupt():
+            result = run_compare(spec, output, seeds=seed_list, extra_overrides=overrides, only=parse_names(only),
+                                 derive=derive, overwrite=overwrite, dry_run=dry_run, echo=typer.echo, verbose=verbose)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"interrupted; finished runs are kept in {output}; the same command continues "
+                                f"with the unfinished ones: `{again}`") from None
     if result.failed:
         failed = ", ".join(f"{v} seed {s}" for v, s, _ in result.failed)
         _fail(f"{len(result.failed)} of {len(result.planned)} runs failed ({failed}); the summary in {output} "
               "covers the finished runs; fix the cause and rerun the same command to run the rest", 1)
 
 
-@app.command()
+def _compare_command(items: List[str], output: Path, seeds: Optional[str], only: Optional[List[str]],
+                     methods: Optional[str], overwrite: bool, progress: Optional[bool], verbose: bool,
+                     derive: bool) -> str:
+    """The ``duallora compare`` command line of these options (what continues an interrupted compare)."""
+    parts = ["duallora", "compare", *items, "--output", str(output)]
+    if methods is not None:
+        parts += ["--methods", methods]
+    if seeds is not None:
+        parts += ["--seeds", seeds]
+    for name in only or []:
+        parts += ["--only", name]
+    if overwrite:
+        parts.append("--overwrite")
+    if progress is not None:
+        parts.append("--progress" if progress else "--no-progress")
+    if verbose:
+        parts.append("--verbose")
+    if not derive:
+        parts.append("--no-derive")
+    return shlex.join(parts)
+
+
+@app.command(context_settings={"allow_extra_args": False})
 @user_errors
 def evaluate(
+    overrides: Optional[List[str]] = typer.Argument(
+        None, metavar="[KEY=VALUE]...",
+        help="Overrides that do not change the model: train.eval_batch_size, train.threads, train.device, "
+        "train.precision, train.progress, data.root, data.num_workers (e.g. train.device=cuda train.eval_batch_size=1024)."),
     checkpoint: Path = typer.Option(..., "--checkpoint", help="Run folder, its checkpoints/ folder or one task_K.safetensors file."),
     data_root: Optional[str] = typer.Option(None, "--data-root", help="Data folder if it moved since the run."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write the metrics to this JSON file."),
@@ -189,15 +271,28 @@ def evaluate(
     """Re-evaluate saved checkpoints on the run's test data and print the metrics.
 
     A run folder re-evaluates every task's checkpoint, which rebuilds the accuracy matrix and every
-    metric of metrics.json.
+    metric of metrics.json. KEY=VALUE overrides change only where and how the stored model runs
+    (device, threads, batch size, precision, data folder, loader workers); any other key is refused.
+
+    Example: duallora evaluate --checkpoint runs/my-run train.device=cuda train.eval_batch_size=1024
     """
     from duallora.errors import ConfigError
+    from duallora.predict import inference_overrides
     from duallora.reporting import format_metrics_table, write_json_atomic
     from duallora.runner import evaluate_checkpoints
 
     if output is not None and (output.is_dir() or output.name == "metrics.json"):
         raise ConfigError(f"--output {output} must be a new JSON file (not a folder, not a run's metrics.json)")
-    metrics = evaluate_checkpoints(checkpoint, echo=typer.echo, progress=progress, data_root=data_root)
+    values = inference_overrides(overrides or [])
+    if "data.root" in values:  # the same as --data-root
+        root = values.pop("data.root")
+        if data_root is not None and str(root) != data_root:
+            raise ConfigError(f"--data-root {data_root} and data.root={root} disagree; give one of them")
+        data_root = root
+    if "train.progress" in values:  # the same as --progress/--no-progress
+        progress = bool(values.pop("train.progress"))
+    extra = {"overrides": values} if values else {}
+    metrics = evaluate_checkpoints(checkpoint, echo=typer.echo, progress=progress, data_root=data_root, **extra)
     typer.echo(format_metrics_table(metrics))
     diff = metrics.get("max_difference_to_metrics_json")
     if diff is not None:
@@ -210,6 +305,68 @@ def evaluate(
     if output is not None:
         write_json_atomic(output, metrics)
         typer.echo(f"metrics written to {output}")
+
+
+@app.command()
+@user_errors
+def predict(
+    checkpoint: Path = typer.Argument(
+        ..., metavar="RUN_OR_CHECKPOINT",
+        help="Run folder (its last checkpoints/task_K.safetensors is used) or one checkpoint file."),
+    images: List[Path] = typer.Argument(
+        ..., metavar="IMAGES...", help="Image files and folders (searched recursively for .png .jpg .jpeg .bmp .gif .webp)."),
+    top_k: int = typer.Option(3, "--top-k", "-k", min=1, help="How many of the most probable classes to list per image."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the table to this file (atomically) instead of stdout."),
+    fmt: str = typer.Option("csv", "--format", "-f", help="csv (one row per image) or json."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per forward pass (default: the run's train.eval_batch_size)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: the run's train.threads)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps (default: the run's train.device)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, bf16 or fp16 (CUDA) (default: the run's train.precision)."),
+) -> None:
+    """Predict the class of image files with a trained run, without task labels.
+
+    Images are read and converted as the run's dataset reads its images (mode L or RGB for the
+    backbone's channels, resized to its input size; the benchmarks' timm resize and centre crop).
+    One row per image: path, class_id (dataset label id), class_name, task (the most probable task,
+    numbered from 1 as in the run's output), task_confidence (its probability, max_j p(task j | image)),
+    then topI_class and topI_prob for the K most probable classes (class probabilities p(y | image),
+    the run's calibration applied).
+
+    Files that cannot be read are listed on stderr as `error: cannot read PATH (...)`; the others are
+    still predicted and written, and the exit status is 1. Exit status 2: a bad run, checkpoint or
+    option, or no image files at all.
+
+    Example: duallora predict runs/my-run photos/ extra.png --top-k 5 -o predictions.csv
+    """
+    from duallora.errors import ConfigError
+    from duallora.predict import find_images, format_csv, format_json, load_predictor
+    from duallora.reporting import write_text_atomic
+
+    fmt = fmt.lower()
+    if fmt not in ("csv", "json"):
+        raise ConfigError(f"--format {fmt} is not supported; use csv or json")
+    if output is not None and output.is_dir():
+        raise ConfigError(f"--output {output} is a folder; give a file name, e.g. {output / ('predictions.' + fmt)}")
+    found = find_images(images)
+    predictor = load_predictor(checkpoint, device=device, threads=threads, precision=precision, batch_size=batch_size)
+    for warning in predictor.warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    errors = list(found.missing)
+    for path, reason in found.missing:
+        typer.echo(f"error: cannot read {path} ({reason})", err=True)
+    result = predictor.predict_files(
+        found.files, top_k=top_k, on_error=lambda path, reason: typer.echo(f"error: cannot read {path} ({reason})", err=True))
+    errors += result.errors
+    text = (format_csv(result.predictions, top_k) if fmt == "csv"
+            else format_json(result.predictions, errors, predictor.checkpoint))
+    if output is not None:
+        write_text_atomic(output, text)
+        typer.echo(f"{len(result.predictions)} predictions ({predictor.checkpoint}) written to {output}", err=True)
+    else:
+        typer.echo(text, nl=False)
+    if errors:
+        _fail(f"{len(errors)} of {len(errors) + len(result.predictions)} files could not be read (listed above); "
+              "the others were predicted", 1)
 
 
 @app.command()

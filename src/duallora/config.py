@@ -9,6 +9,8 @@ setting one is an error too (see :func:`check_method_keys`).
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -40,6 +42,7 @@ class DataConfig:
     split_sha256: Any = None  #: expected sha256 of each split file read (str or list, in the record's split.files order); mismatch = error
     augment: bool = False  #: training augmentation: random resized crop + horizontal flip (train split only; output stays uint8)
     crop_pct: Optional[float] = None  #: benchmarks: evaluation centre-crop fraction; None = the backbone's timm config (1.0 for the shipped one)
+    check_images: bool = True  #: imagefolder and the file-based benchmarks: check every image file (non-empty, header readable by PIL) when loading, before training; false = skip
 
 
 
@@ -84,8 +87,10 @@ class MethodConfig:
 class TrainConfig:
     """Optimisation per task; every key is honoured exactly."""
 
-    epochs: int = 2
-    batch_size: int = 128
+    epochs: int = 2  #: least epochs per task (raised to reach min_steps)
+    batch_size: int = 128  #: images per step (capped by max_batch_fraction on small tasks)
+    min_steps: int = 100  #: least optimizer steps per task: epochs = max(epochs, ceil(min_steps / steps per epoch)); 0 = off
+    max_batch_fraction: Optional[float] = 0.25  #: batch <= max(8, this share of the task's training images), in equal batches; None = no cap
     optimizer: str = "adam"  #: adam | adamw | sgd
     lr: float = 5e-4
     head_lr: Optional[float] = None  #: learning rate of the task heads; None = lr
@@ -98,6 +103,7 @@ class TrainConfig:
     progress: bool = True  #: show progress bars
     precision: str = "fp32"  #: fp32 | bf16 | fp16 (autocast for training, statistics passes and inference; fp16 on CUDA only)
     compile: bool = False  #: torch.compile the training forward (GPU runs; slow to start on a CPU)
+    tensorboard: bool = False  #: write TensorBoard logs to <run>/tensorboard/ (pip install duallora[tensorboard])
 
 
 @dataclass
@@ -149,12 +155,69 @@ def _get(cfg: RunConfig, dotted: str) -> Any:
     return obj
 
 
+def _holds_float(tp: Any) -> bool:
+    """True for ``float`` and for types built from it (``Optional[float]``, ``list[float]``, unions)."""
+    return tp is float or any(_holds_float(arg) for arg in typing.get_args(tp))
+
+
+def float_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
+    """Dotted keys of every float option of the schema, found from the dataclass field types.
+
+    Args:
+        cls: the dataclass to walk (sections are walked recursively); default the whole :class:`RunConfig`.
+        prefix: prepended to the keys (``"train."`` for a section).
+
+    Returns:
+        e.g. ``["data.test_fraction", ..., "train.lr", "train.head_lr", ...]``, in schema order.
+    """
+    hints = typing.get_type_hints(cls)
+    out: list[str] = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += float_keys(tp, f"{prefix}{f.name}.")
+        elif _holds_float(tp):
+            out.append(f"{prefix}{f.name}")
+    return out
+
+
+def _not_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return any(_not_finite(v) for v in value)
+    return False
+
+
+def check_finite(cfg: RunConfig) -> None:
+    """Reject NaN and +/-infinity in every float option (:func:`float_keys`).
+
+    YAML and the overrides accept ``nan``, ``.inf``, ``-inf`` and overflowing literals (``1e999``) as
+    floats; none of them is a usable setting, and they would otherwise fail deep in training (or, for
+    NaN, pass every ``<``/``>`` range check).
+
+    Raises:
+        ConfigError: naming the first such key, its value and a finite value to use instead.
+    """
+    default = RunConfig()
+    for key in float_keys():
+        value = _get(cfg, key)
+        if _not_finite(value):
+            fallback = _get(default, key)
+            example = "null (its default)" if fallback is None else f"{fallback!r} (its default)"
+            raise ConfigError(
+                f"{key}={value!r} is not a finite number (NaN and infinity are not allowed); "
+                f"set {key} to a finite value, e.g. {key}={example}"
+            )
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     """Check value ranges and combinations of a resolved config.
 
     Raises:
         ConfigError: naming the key, the bad value and what is allowed.
     """
+    check_finite(cfg)
     if not 0 <= cfg.seed < 2**32:
         raise ConfigError(f"seed={cfg.seed} must be an integer in [0, 2**32)")
     if cfg.train.threads is not None and cfg.train.threads < 1:
@@ -190,6 +253,12 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise ConfigError(f"{key}={value} must be a positive integer")
     if cfg.method.stat_images is not None and cfg.method.stat_images < 1:
         raise ConfigError(f"method.stat_images={cfg.method.stat_images} must be a positive integer or null (all images)")
+    if cfg.train.min_steps < 0:
+        raise ConfigError(f"train.min_steps={cfg.train.min_steps} must be >= 0 (0 = train exactly train.epochs)")
+    fraction = cfg.train.max_batch_fraction
+    if fraction is not None and not 0.0 < fraction <= 1.0:
+        raise ConfigError(f"train.max_batch_fraction={fraction} must lie in (0, 1] "
+                          "(share of a task's training images per batch), or be null for no cap")
     if cfg.train.lr <= 0 or (cfg.train.head_lr is not None and cfg.train.head_lr <= 0):
         raise ConfigError("train.lr and train.head_lr must be > 0")
     if cfg.method.task_id_features == "gate" and cfg.method.gate != "shared":

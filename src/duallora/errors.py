@@ -27,5 +27,11 @@ class TrainingError(DualLoRAError):
     """Training diverged (NaN or infinite loss) or cannot proceed."""
 
 
+class DivergenceError(TrainingError):
+    """Training diverged: the loss or the task statistics became NaN or infinite.
+
+    Resuming repeats it; the way out is a new run with a lower learning rate."""
+
+
 class CheckpointError(DualLoRAError):
     """A checkpoint or run directory is missing, incomplete or does not match the request."""

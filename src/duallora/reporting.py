@@ -15,9 +15,10 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -34,6 +35,8 @@ __all__ = [
     "plot_accuracy_matrix",
     "plot_accuracy_curve",
     "RunDirectory",
+    "RUN_OUTPUTS",
+    "check_replaceable",
     "format_metrics_table",
 ]
 
@@ -316,6 +319,103 @@ def plot_accuracy_curve(
 # run directory
 # --------------------------------------------------------------------------------------------------
 
+#: What a run folder may hold: the files ``duallora run`` writes (README, "What a run writes") and its
+#: ``checkpoints/`` folder. ``--overwrite`` replaces or discards only folders holding nothing else.
+RUN_OUTPUTS = frozenset({
+    "config.yaml", "class_order.json", "metrics.json", "accuracy_matrix.csv", "accuracy_matrix.png",
+    "accuracy_curve.png", "history.json", "checkpoints",
+})
+#: A finished (or derived) run folder has ``config.yaml`` and at least one of these.
+RUN_MARKERS = ("metrics.json", "class_order.json")
+_CHECKPOINT_FILE = re.compile(r"task_\d+\.safetensors$")
+_SHOWN = 5  # unexpected entries named in a refusal
+
+
+def _is_temp_of(name: str, allowed: Callable[[str], bool]) -> bool:
+    """Whether ``name`` is a temporary file of :func:`write_bytes_atomic` for an allowed target name."""
+    if not (name.startswith(".") and name.endswith(".tmp")):
+        return False
+    stem = name[1:-4].rsplit(".", 1)[0]  # ".<target>.<random>.tmp" -> "<target>"
+    return allowed(stem)
+
+
+def _foreign_entries(folder: Path) -> list[str]:
+    """Entries of ``folder`` (and of its ``checkpoints/``) that a run does not write, sorted."""
+    def top(name: str) -> bool:
+        return name in RUN_OUTPUTS
+
+    def ckpt(name: str) -> bool:
+        return bool(_CHECKPOINT_FILE.fullmatch(name))
+
+    out: list[str] = []
+    for entry in sorted(folder.iterdir(), key=lambda p: p.name):
+        name = entry.name
+        if name == "checkpoints" and entry.is_dir() and not entry.is_symlink():
+            for sub in sorted(entry.iterdir(), key=lambda p: p.name):
+                ok = (ckpt(sub.name) and sub.is_file() and not sub.is_symlink()) or _is_temp_of(sub.name, ckpt)
+                if not ok:
+                    out.append(f"checkpoints/{sub.name}" + ("/" if sub.is_dir() else ""))
+        elif not ((top(name) and entry.is_file() and not entry.is_symlink()) or _is_temp_of(name, top)):
+            out.append(name + ("/" if entry.is_dir() and not entry.is_symlink() else ""))
+    return out
+
+
+def _within(inner: Path, outer: Path) -> bool:
+    """Whether ``inner`` is ``outer`` or lies inside it (both resolved, symlinks followed)."""
+    try:
+        a, b = Path(inner).expanduser().resolve(), Path(outer).expanduser().resolve()
+    except (OSError, RuntimeError):
+        return False
+    return a == b or b in a.parents
+
+
+def check_replaceable(folder: PathLike, *, staging: bool = False, protect: Sequence[Optional[PathLike]] = (),
+                      option: str = "--overwrite") -> None:
+    """Refuse to let ``--overwrite`` delete a folder that is not a duallora run's.
+
+    A folder may be replaced (or, as a staging folder, discarded) only when everything it holds is a
+    known run output (:data:`RUN_OUTPUTS`, ``checkpoints/task_K.safetensors`` and the temporary files
+    of atomic writes), when a finished run folder (``staging=False``) also has ``config.yaml`` and
+    one of :data:`RUN_MARKERS`, and when no path in ``protect`` (the data folder, the config file
+    read) is the folder or lies inside it. A missing or empty folder is always replaceable.
+
+    Args:
+        folder: the run folder, or its ``<run>.partial`` staging folder with ``staging=True``.
+        staging: check it as a staging folder (an interrupted run may not have written
+            ``config.yaml`` yet, so no marker file is required).
+        protect: paths that must survive (None entries are skipped).
+        option: the option named in the message.
+
+    Raises:
+        CheckpointError: the folder holds a protected path, unexpected entries (a few are named), or
+            lacks a run's files; nothing is deleted.
+    """
+    folder = Path(folder)
+    what = "staging folder of an unfinished run" if staging else "output folder"
+    for p in protect:
+        if p is not None and _within(Path(p), folder):
+            raise CheckpointError(
+                f"{option} would delete {what} {folder}, but it holds {p}, which this run reads; "
+                "move it out of that folder or choose another --output"
+            )
+    if folder.is_symlink() or not folder.is_dir() or not any(folder.iterdir()):
+        return
+    foreign = _foreign_entries(folder)
+    if foreign:
+        shown = ", ".join(foreign[:_SHOWN]) + (f" and {len(foreign) - _SHOWN} more" if len(foreign) > _SHOWN else "")
+        raise CheckpointError(
+            f"{option} refuses to delete {what} {folder}: it is not a duallora run folder "
+            f"(it holds {shown}; a run writes only {', '.join(sorted(RUN_OUTPUTS))}); "
+            "choose another --output, or move those entries away (or delete the folder yourself)"
+        )
+    if not staging and not ((folder / "config.yaml").is_file() and any((folder / m).is_file() for m in RUN_MARKERS)):
+        held = ", ".join(sorted(p.name for p in folder.iterdir()))
+        raise CheckpointError(
+            f"{option} refuses to delete {what} {folder}: it is not a finished duallora run folder "
+            f"(it holds {held} but lacks config.yaml with metrics.json or class_order.json); "
+            "choose another --output, or delete the folder yourself"
+        )
+
 
 def _remove(path: Path) -> None:
     """Remove a file, symlink or directory tree at ``path`` (nothing if absent)."""
@@ -345,23 +445,37 @@ class RunDirectory:
 
     Two runs must not share one ``final`` at the same time.
 
+    With ``runs_only`` (what ``duallora run`` and ``duallora compare`` use), ``overwrite`` replaces
+    or discards only folders that :func:`check_replaceable` accepts: a duallora run folder (or
+    staging folder) holding nothing but a run's outputs and none of the ``protect`` paths; that is
+    checked here, before the run starts, and again at :meth:`commit`.
+
     Args:
         final: the output folder the run publishes to.
-        overwrite: allow replacing an existing non-empty ``final`` at commit.
+        overwrite: allow replacing an existing non-empty ``final`` at commit (and discarding a
+            leftover ``<final>.partial`` now).
         resume: reopen the staging folder of an interrupted run instead of starting a fresh one.
+        runs_only: with ``overwrite``, refuse to replace or discard a folder that is not a run's.
+        protect: paths (the data folder, the config file read) that no replaced or discarded folder
+            may hold; None entries are skipped.
 
     Raises:
         CheckpointError: ``final`` exists and is not a directory, or exists and is non-empty while
-            ``overwrite`` is False.
+            ``overwrite`` is False; with ``runs_only``, ``final`` or a leftover staging folder that
+            ``overwrite`` would delete is not a run's or holds a protected path.
     """
 
-    def __init__(self, final: PathLike, *, overwrite: bool = False, resume: bool = False) -> None:
+    def __init__(self, final: PathLike, *, overwrite: bool = False, resume: bool = False, runs_only: bool = False,
+                 protect: Sequence[Optional[PathLike]] = ()) -> None:
         self.final = Path(final)
         if self.final.name in ("", ".", ".."):
             raise CheckpointError(f"output {str(final)!r} must name a folder, e.g. runs/my-run")
         self.overwrite = bool(overwrite)
+        self.runs_only = bool(runs_only)
+        self.protect = tuple(p for p in protect if p is not None)
         self.path = self.final.with_name(self.final.name + ".partial")
         self._committed = False
+        self._resumed = bool(resume)
         if resume:
             # continue an interrupted run: keep its staging folder as it is
             if not self.path.is_dir():
@@ -372,6 +486,7 @@ class RunDirectory:
                     "start it with `duallora run --output DIR`"
                 )
             self.overwrite = True  # the interrupted run was allowed to start, so it may publish
+            self._check_final()
             return
         self._check_final()
         if self.path.exists():
@@ -380,6 +495,12 @@ class RunDirectory:
                     f"an unfinished run is in {self.path} (interrupted, or still running); continue it with "
                     f"`duallora run --resume {self.final}`, or pass --overwrite to discard it and start over"
                 )
+            if self.runs_only:
+                if self.path.is_symlink() or not self.path.is_dir():
+                    raise CheckpointError(
+                        f"--overwrite refuses to delete {self.path}: it is a symlink or not a folder, so not the "
+                        "staging folder of an unfinished run; remove it yourself or choose another --output")
+                check_replaceable(self.path, staging=True, protect=self.protect)
             _remove(self.path)
         try:
             self.path.mkdir(parents=True)  # exclusive: a second run started at the same time fails here
@@ -396,6 +517,9 @@ class RunDirectory:
             raise CheckpointError(
                 f"output directory {final} already exists; choose another --output or pass --overwrite"
             )
+        if self.runs_only and final.is_dir():
+            # a resumed run publishes over the folder as its first start was allowed to (--overwrite)
+            check_replaceable(final, protect=self.protect, option="--resume" if self._resumed else "--overwrite")
 
     @property
     def committed(self) -> bool:
@@ -411,7 +535,8 @@ class RunDirectory:
 
         Raises:
             CheckpointError: already committed, the staging folder has vanished, or ``final`` became
-                non-empty (or a non-directory) since the constructor and ``overwrite`` is False.
+                non-empty (or a non-directory) since the constructor and ``overwrite`` is False (with
+                ``runs_only``: or it is no longer a run folder, see :func:`check_replaceable`).
             OSError: a rename failed (``final`` is restored where possible).
         """
         if self._committed:

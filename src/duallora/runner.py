@@ -10,14 +10,16 @@ earlier run's outputs (field-lessons.md, lessons 9 and 11).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
 import re
+import shlex
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -28,7 +30,7 @@ from duallora.backbones import BackboneInfo, create_backbone
 from duallora.config import RunConfig
 from duallora.data.datasets import load_dataset
 from duallora.data.scenarios import ClassIncrementalScenario
-from duallora.errors import CheckpointError, DualLoRAError
+from duallora.errors import CheckpointError, DivergenceError, DualLoRAError
 from duallora.metrics import build_matrix, compute_metrics
 from duallora.reporting import (
     RunDirectory,
@@ -38,6 +40,8 @@ from duallora.reporting import (
     write_json_atomic,
     write_text_atomic,
 )
+from duallora.tensorboard import RunLogger
+from duallora.tensorboard import require as require_tensorboard
 from duallora.training import ContinualLearner, make_progress, select_device
 
 Echo = Callable[[str], None]
@@ -74,6 +78,7 @@ def build_scenario(cfg: RunConfig, info: BackboneInfo) -> ClassIncrementalScenar
     transform = resolve_transform_config(cfg.backbone.name, info.input_size, crop_pct=d.crop_pct,
                                          mean=info.mean, std=info.std)
     kw = dict(root=d.root, image_size=(height, width), channels=channels, seed=cfg.seed, test_fraction=d.test_fraction,
+              check_images=d.check_images,
               split_train=d.split_train, split_test=d.split_test, split_sha256=d.split_sha256,
               transform=transform, augment=d.augment)
     train = load_dataset(d.dataset, "train", **kw)
@@ -93,7 +98,8 @@ def _environment() -> dict[str, str]:
 
 
 #: Config keys that do not change a run's results; a resumed run may differ in them.
-RESUME_IGNORED_KEYS = {("train", "progress"), ("data", "num_workers"), ("train", "threads")}
+RESUME_IGNORED_KEYS = {("train", "progress"), ("data", "num_workers"), ("train", "threads"),
+                       ("data", "check_images"), ("train", "tensorboard")}
 
 
 def _config_differences(a: RunConfig, b: RunConfig, ignored: set[tuple[str, str]] = RESUME_IGNORED_KEYS) -> list[str]:
@@ -111,25 +117,148 @@ def _config_differences(a: RunConfig, b: RunConfig, ignored: set[tuple[str, str]
     return out
 
 
+def data_identity(scenario: ClassIncrementalScenario) -> dict[str, Any]:
+    """What a run's accuracy rows depend on in its data: per task and split, the images it uses.
+
+    Per task and split the record holds the number of images and a sha256: for datasets read from
+    files (image folders, the benchmarks' file lists) over ``"<path relative to the data folder>\\t<label
+    id>\\n"`` lines in index order (file contents are not read); for datasets held as arrays (the IDX
+    files, CIFAR) over the pixels of the task's images and their label ids.
+
+    Args:
+        scenario: the run's scenario.
+
+    Returns:
+        ``{"scheme": ..., "tasks": [{"index": t, "train": {"count", "sha256"}, "test": {...}}, ...]}``
+        (JSON-able; stored in ``class_order.json`` when a run starts and checked on ``--resume``).
+    """
+    def describe(dataset: Any, indices: list[int]) -> dict[str, Any]:
+        base = dataset
+        while getattr(base, "files", None) is None and getattr(base, "base", None) is not None:
+            base = base.base  # an augmentation wrapper: the items are its base's
+        files = getattr(base, "files", None)
+        targets = dataset.targets
+        h = hashlib.sha256()
+        if files is not None:
+            source = getattr(dataset, "source", None) or getattr(base, "source", None)
+            labels = targets.tolist()
+            for i in indices:
+                name = Path(files[i])
+                if source is not None:
+                    try:
+                        name = name.relative_to(source)
+                    except ValueError:
+                        pass
+                h.update(f"{name.as_posix()}\t{labels[i]}\n".encode())
+        else:
+            images = getattr(base, "images", None)
+            for start in range(0, len(indices), 4096):
+                chunk = indices[start:start + 4096]
+                h.update(np.asarray(targets[chunk], dtype=np.int64).tobytes())
+                if images is not None:
+                    part = images[torch.as_tensor(chunk, dtype=torch.int64)] if isinstance(images, torch.Tensor) \
+                        else np.asarray(images)[np.asarray(chunk, dtype=np.int64)]
+                    h.update(np.ascontiguousarray(np.asarray(part)).tobytes())
+                else:  # no pixels to hash: the positions of the images stand for them
+                    h.update(np.asarray(chunk, dtype=np.int64).tobytes())
+        return {"count": len(indices), "sha256": h.hexdigest()}
+
+    return {
+        "scheme": "sha256 over '<path relative to the data folder>\\t<label id>' lines, or over pixels and labels",
+        "tasks": [{"index": t, "train": describe(scenario.train, scenario.train_indices(t)),
+                   "test": describe(scenario.test, scenario.test_indices(t))}
+                  for t in range(scenario.num_tasks)],
+    }
+
+
+def _class_order_record(scenario: ClassIncrementalScenario) -> dict[str, Any]:
+    """The ``class_order.json`` content: the scenario's description and its :func:`data_identity`."""
+    return {**scenario.to_dict(), "data_identity": data_identity(scenario)}
+
+
+def _data_changes(stored: dict[str, Any], scenario: ClassIncrementalScenario) -> list[str]:
+    """How the data of ``scenario`` differs from a run's stored ``class_order.json`` (``[]``: the same).
+
+    Runs started before the data identity was recorded are compared by their image counts per task.
+    """
+    now = data_identity(scenario)["tasks"]
+    identity = stored.get("data_identity")
+    if isinstance(identity, dict) and isinstance(identity.get("tasks"), list):
+        before = identity["tasks"]
+    else:  # an older run: only the counts per task are known
+        before = [{"index": t.get("index"), "train": {"count": t.get("train_count")},
+                   "test": {"count": t.get("test_count")}} for t in stored.get("tasks", [])]
+    if len(before) != len(now):
+        return [f"{len(before)} tasks when the run started, {len(now)} now"]
+    out = []
+    for b, n in zip(before, now):
+        for split in ("train", "test"):
+            bb, nn = b.get(split) or {}, n[split]
+            where = f"task {n['index'] + 1} {split} images"
+            if bb.get("count") is not None and bb["count"] != nn["count"]:
+                out.append(f"{where}: {bb['count']} when the run started, {nn['count']} now")
+            elif bb.get("sha256") is not None and bb["sha256"] != nn["sha256"]:
+                out.append(f"{where}: {nn['count']} as before, but other files or labels")
+    return out
+
+
+def _diverged(exc: BaseException) -> bool:
+    """Whether ``exc`` says that training diverged (a non-finite loss or non-finite task statistics)."""
+    return isinstance(exc, DivergenceError)
+
+
+def _lower_lr(lr: float) -> float:
+    """A learning rate to suggest after a divergence: the default if ``lr`` is above it, else a tenth."""
+    default = RunConfig().train.lr
+    return default if lr > default else lr / 10
+
+
+def _divergence_hint(cfg: RunConfig, output: Path, stage: Path, command: Optional[Sequence[str]]) -> str:
+    """The way out of a diverged run: a new run with a lower ``train.lr`` and ``--overwrite``."""
+    lower = [f"train.lr={_lower_lr(cfg.train.lr):g}"]
+    if cfg.train.head_lr is not None:
+        lower.append(f"train.head_lr={_lower_lr(cfg.train.head_lr):g}")
+    if command is not None:
+        args = [a for a in command if not a.startswith(("train.lr=", "train.head_lr="))]
+        cmd = "duallora run " + shlex.join(["-o", str(output), "--overwrite", *args, *lower])
+    else:  # the run's own config is in the staging folder, which --overwrite discards: copy it out first
+        copy = output.with_name(output.name + ".config.yaml")
+        cmd = (f"cp {shlex.quote(str(stage / 'config.yaml'))} {shlex.quote(str(copy))} && duallora run "
+               + shlex.join(["--config", str(copy), "-o", str(output), "--overwrite", *lower]))
+    return (f"training diverged at train.lr={cfg.train.lr:g}: resuming would repeat it; start a new run with a "
+            f"lower rate and --overwrite (which discards the unfinished run in {stage}): `{cmd}`")
+
+
 def run_experiment(cfg: Optional[RunConfig], output: Optional[Path] = None, *, overwrite: bool = False,
-                   resume: bool = False, echo: Echo = print) -> dict[str, Any]:
+                   resume: bool = False, echo: Echo = print, protect: Sequence[Optional[Union[str, os.PathLike]]] = (),
+                   command: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Learn every task of the configured scenario and write the run folder.
 
     Args:
         cfg: a validated run config; with ``resume`` it may be None (use the interrupted run's own).
         output: the run folder; None = :func:`default_output`.
-        overwrite: replace an existing non-empty folder (only once this run succeeds).
+        overwrite: replace an existing non-empty folder (only once this run succeeds) and discard a
+            leftover ``<output>.partial``; only duallora run folders are replaced or discarded, and
+            never one that holds the data folder or a ``protect`` path
+            (:func:`duallora.reporting.check_replaceable`).
         resume: continue the interrupted run at ``output`` (its ``<output>.partial`` folder) after
-            its last finished task; the result equals an uninterrupted run of the same seed.
+            its last finished task; the result equals an uninterrupted run of the same seed. The
+            data must be the same as when the run started (:func:`data_identity`).
         echo: where progress lines go.
+        protect: further paths that ``overwrite`` must not delete (the CLI passes ``--config``).
+        command: the ``duallora run`` arguments that started this run (``--config`` and overrides),
+            used to show the command that starts it again after a divergence.
 
     Returns:
         the metrics dict written to ``metrics.json``.
 
     Raises:
-        DualLoRAError subclasses for bad config, data, backbone, diverged training, an existing
-        output folder, or (resume) no interrupted run / a config that differs from the run's;
-        the earlier content of ``output`` is left untouched in every case.
+        DualLoRAError subclasses for bad config, data, backbone, diverged training (the message shows
+        the new run to start), an existing output folder or one ``overwrite`` may not delete, or
+        (resume) no interrupted run / a config that differs from the run's / data that changed since
+        the run started; the earlier content of ``output`` is left untouched in every case.
+        KeyboardInterrupt: interrupted (Ctrl-C, or SIGTERM under the CLI) once the staging folder
+        exists; its message names the folder and the ``--resume`` command.
     """
     wall_start = time.perf_counter()
     # under torchrun, join the process group first: only rank 0 writes outputs
@@ -163,13 +292,21 @@ def run_experiment(cfg: Optional[RunConfig], output: Optional[Path] = None, *, o
                     f"resume without --config/overrides to use the run's own config"
                 )
     assert cfg is not None
+    require_tensorboard(cfg)  # train.tensorboard=true needs the package: say so before any folder is made
     output = Path(output) if output is not None else default_output(cfg)
     model, info = create_backbone(cfg.backbone.name, cfg.backbone.weights)
     scenario = build_scenario(cfg, info)
+    # what --overwrite must never delete: the data folder (as configured and as read) and the config file
+    keep = [*protect, cfg.data.root, getattr(scenario.train, "source", None), getattr(scenario.test, "source", None)]
     if not resume:
-        rundir = RunDirectory(output, overwrite=overwrite) if main else _Staging(output)
+        rundir = (RunDirectory(output, overwrite=overwrite, runs_only=True, protect=keep) if main
+                  else _Staging(output))
         distributed.barrier()
+    else:
+        rundir = RunDirectory(output, resume=True, runs_only=True, protect=keep)
     stage = rundir.path
+    hint = (f"the unfinished run stays in {stage}; continue it with `duallora run --resume {output}` "
+            "(or start again with --overwrite)")
     echo(f"{cfg.method.name}: {cfg.data.dataset}, {scenario.num_tasks} tasks, "
          f"backbone {info.name} (sha256 {info.sha256[:12]}), seed {cfg.seed}")
     echo(f"class order: {scenario.class_order}")
@@ -180,33 +317,37 @@ def run_experiment(cfg: Optional[RunConfig], output: Optional[Path] = None, *, o
     eval_time = 0.0
     last_eval_s: Optional[float] = None  # wall time of the latest evaluation (all tasks seen so far)
     last_eval_images: Optional[int] = None  # test images it predicted
-    done = find_checkpoints(stage / "checkpoints") if resume and (stage / "checkpoints").is_dir() else []
-    if done and any((stage / "checkpoints").iterdir()):
-        last = done[-1]
-        learner = ContinualLearner.load(last, backbone=(model, info))
-        learner.cfg = cfg
-        learner.progress = make_progress(cfg.train.progress)
-        _, meta = ContinualLearner.read_checkpoint(last)
-        extra = meta.get("extra", {})
-        rows = [list(r) for r in extra.get("accuracy_rows", [])]
-        task_id_rows = list(extra.get("task_id_accuracy_rows", []))
-        train_time = float(extra.get("train_time_s", 0.0))
-        eval_time = float(extra.get("eval_time_s", 0.0))
-        last_eval_s = extra.get("last_eval_time_s")
-        last_eval_images = extra.get("last_eval_images")
-        expected = [list(t.classes) for t in scenario.tasks[: len(learner.task_classes)]]
-        if expected != [list(c) for c in learner.task_classes] or len(rows) != len(learner.task_classes):
-            raise CheckpointError(f"{last} does not match the scenario rebuilt from the run's config")
-        echo(f"resuming after task {len(learner.task_classes)} from {last}")
-    else:
-        if main:
-            write_text_atomic(stage / "config.yaml", config_mod.to_yaml(cfg))
-            write_json_atomic(stage / "class_order.json", scenario.to_dict())
-        learner = ContinualLearner(cfg, num_tasks=scenario.num_tasks, backbone=(model, info))
+    try:  # a Ctrl-C/SIGTERM from here on leaves the staging folder: name it
+        done = find_checkpoints(stage / "checkpoints") if resume and (stage / "checkpoints").is_dir() else []
+        if done and any((stage / "checkpoints").iterdir()):
+            _check_same_data(stage, scenario, output)
+            last = done[-1]
+            learner = ContinualLearner.load(last, backbone=(model, info))
+            learner.cfg = cfg
+            learner.progress = make_progress(cfg.train.progress)
+            _, meta = ContinualLearner.read_checkpoint(last)
+            extra = meta.get("extra", {})
+            rows = [list(r) for r in extra.get("accuracy_rows", [])]
+            task_id_rows = list(extra.get("task_id_accuracy_rows", []))
+            train_time = float(extra.get("train_time_s", 0.0))
+            eval_time = float(extra.get("eval_time_s", 0.0))
+            last_eval_s = extra.get("last_eval_time_s")
+            last_eval_images = extra.get("last_eval_images")
+            expected = [list(t.classes) for t in scenario.tasks[: len(learner.task_classes)]]
+            if expected != [list(c) for c in learner.task_classes] or len(rows) != len(learner.task_classes):
+                raise CheckpointError(f"{last} does not match the scenario rebuilt from the run's config")
+            echo(f"resuming after task {len(learner.task_classes)} from {last}")
+        else:
+            if main:
+                write_text_atomic(stage / "config.yaml", config_mod.to_yaml(cfg))
+                write_json_atomic(stage / "class_order.json", _class_order_record(scenario))
+            learner = ContinualLearner(cfg, num_tasks=scenario.num_tasks, backbone=(model, info))
+    except KeyboardInterrupt as exc:
+        raise KeyboardInterrupt(f"interrupted; {hint}") from exc
     start_task = len(learner.task_classes)
     test_sizes = [len(scenario.test_dataset(t)) for t in range(scenario.num_tasks)]
-    hint = (f"the unfinished run stays in {stage}; continue it with `duallora run --resume {output}` "
-            "(or start again with --overwrite)")
+    logger = RunLogger.from_config(cfg, stage, start_task=start_task)  # a no-op unless train.tensorboard
+    learner.step_callback = logger.step
     try:
         for task in scenario.tasks[start_task:]:
             t = task.index
@@ -225,16 +366,22 @@ def run_experiment(cfg: Optional[RunConfig], output: Optional[Path] = None, *, o
                              extra={"accuracy_rows": rows, "task_id_accuracy_rows": task_id_rows,
                                     "train_time_s": train_time, "eval_time_s": eval_time,
                                     "last_eval_time_s": last_eval_s, "last_eval_images": last_eval_images})
+            logger.task_end(t, ev, rows, task_id_rows, record)
             seen = sum(c for c in ev["correct"]) / max(sum(ev["total"]), 1) * 100
             mem = record.get("memory_size")
             mem_txt = f", memory dims {min(mem.values())}-{max(mem.values())}" if mem else ""
-            echo(f"task {t + 1}/{scenario.num_tasks} classes {list(task.classes)}: loss {record['epoch_loss'][-1]:.4f}, "
+            echo(f"task {t + 1}/{scenario.num_tasks} classes {list(task.classes)}: {record['summary']}, "
                  f"accuracy on seen classes {seen:.2f}%, task-id {ev['task_id_accuracy']:.2f}%{mem_txt} "
                  f"({record['task_time_s']:.1f}s)")
     except KeyboardInterrupt as exc:
         raise KeyboardInterrupt(f"interrupted; {hint}") from exc
     except DualLoRAError as exc:
+        if _diverged(exc):
+            raise type(exc)(f"{exc}\n{_divergence_hint(cfg, output, stage, command)}") from exc
         raise type(exc)(f"{exc}\n{hint}") from exc
+    finally:
+        learner.step_callback = None
+        logger.close()
 
     metrics = _run_metrics(cfg, scenario, info, rows, task_id_rows, train_time, eval_time, last_eval_s,
                            last_eval_images)
@@ -252,6 +399,29 @@ def run_experiment(cfg: Optional[RunConfig], output: Optional[Path] = None, *, o
     distributed.barrier()
     metrics["output"] = str(final)
     return metrics
+
+
+def _check_same_data(stage: Path, scenario: ClassIncrementalScenario, output: Path) -> None:
+    """Refuse to resume the run in ``stage`` when its data changed since it started.
+
+    Raises:
+        CheckpointError: ``class_order.json`` is missing or unreadable, or the images of a task and
+            split differ in number or in files/labels (:func:`data_identity`) from what it records.
+    """
+    path = stage / "class_order.json"
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is missing or unreadable ({exc}); the run's data cannot be checked, so it "
+                              f"cannot be resumed: start a new run to {output} with --overwrite") from exc
+    changes = _data_changes(stored, scenario)
+    if changes:
+        root = stored.get("root") or getattr(scenario.train, "source", None)
+        raise CheckpointError(
+            f"the data changed since the interrupted run started ({'; '.join(changes)}; data folder {root}): its "
+            "accuracy rows would come from different data; restore the data as it was and resume again, or start "
+            f"a new run to {output} with --overwrite (which discards {stage})"
+        )
 
 
 def _run_metrics(cfg: RunConfig, scenario: ClassIncrementalScenario, info: BackboneInfo, rows: list[list[float]],
@@ -348,7 +518,7 @@ def derive_run(source: Path, cfg: RunConfig, output: Path, *, overwrite: bool = 
     source_metrics = json.loads((source / "metrics.json").read_text())
     if len(files) != source_metrics["num_tasks"]:
         raise CheckpointError(f"{source} has {len(files)} checkpoints for {source_metrics['num_tasks']} tasks")
-    rundir = RunDirectory(Path(output), overwrite=overwrite)
+    rundir = RunDirectory(Path(output), overwrite=overwrite, runs_only=True, protect=[cfg.data.root, source])
     rows: list[list[float]] = []
     task_id_rows: list[float] = []
     eval_time, last_eval_s, last_eval_images = 0.0, None, None
@@ -364,7 +534,7 @@ def derive_run(source: Path, cfg: RunConfig, output: Path, *, overwrite: bool = 
     info = learner.backbone_info
     stage = rundir.path
     write_text_atomic(stage / "config.yaml", config_mod.to_yaml(cfg))
-    write_json_atomic(stage / "class_order.json", scenario.to_dict())
+    write_json_atomic(stage / "class_order.json", _class_order_record(scenario))
     metrics = _run_metrics(cfg, scenario, info, rows, task_id_rows, float(source_metrics["train_time_s"]),
                            eval_time, last_eval_s, last_eval_images)
     metrics.update({"wall_time_s": time.perf_counter() - wall_start, "resumed_after_task": None,
@@ -423,7 +593,8 @@ def _evaluate_each(files: list[Path], config_of: Callable[[dict[str, Any]], RunC
 
 
 def evaluate_checkpoints(path: Path, *, echo: Echo = print, progress: bool = True,
-                         data_root: Optional[str] = None) -> dict[str, Any]:
+                         data_root: Optional[str] = None,
+                         overrides: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Re-evaluate checkpoints on the test data their run used, without task labels.
 
     With a run folder every task's checkpoint is evaluated, which rebuilds the whole accuracy
@@ -432,6 +603,8 @@ def evaluate_checkpoints(path: Path, *, echo: Echo = print, progress: bool = Tru
     Args:
         path: run folder, its ``checkpoints/`` folder or a checkpoint file.
         data_root: overrides the stored ``data.root`` (data moved since the run).
+        overrides: ``{"section.key": value}`` applied to the stored config; only keys that do not
+            change the model (``duallora.predict.EVALUATE_OVERRIDE_KEYS``, checked by the CLI).
 
     Returns:
         metrics as in ``metrics.json`` (for a single file: ``final_accuracy`` etc. of its row).
@@ -456,6 +629,9 @@ def evaluate_checkpoints(path: Path, *, echo: Echo = print, progress: bool = Tru
         stored["train"]["progress"] = progress
         if data_root is not None:
             stored["data"]["root"] = data_root
+        for dotted, value in (overrides or {}).items():
+            section, key = dotted.split(".", 1)
+            stored[section][key] = value
         return config_mod.from_dict(stored)
 
     for f, _, scenario, ev, _ in _evaluate_each(files, stored_config, progress):

@@ -103,9 +103,9 @@ class TaskSignatures:
             return self._cache
         cache: dict[str, torch.Tensor] = {}
         if not (torch.isfinite(self.means).all() and torch.isfinite(self.scatter).all()):
-            from duallora.errors import TrainingError
+            from duallora.errors import DivergenceError
 
-            raise TrainingError("the task statistics are not finite: training diverged; lower train.lr")
+            raise DivergenceError("the task statistics are not finite: training diverged; lower train.lr")
         if self.score == "mahalanobis":
             dof = max(self.count - self.means.shape[0], 1)
             cov = self.scatter / dof

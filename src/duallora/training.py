@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import random
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
@@ -32,11 +34,160 @@ from duallora import config as config_mod
 from duallora import distributed
 from duallora.backbones import BackboneInfo, create_backbone
 from duallora.config import RunConfig
-from duallora.errors import CheckpointError, ConfigError, TrainingError
+from duallora.errors import CheckpointError, ConfigError, DivergenceError, TrainingError
 from duallora.methods import ContinualMethod, TaskContext, build_method
 from duallora.model import AdaptedViT
 
 CHECKPOINT_FORMAT = 1
+
+#: Smallest batch the task-size cap (``train.max_batch_fraction``) cuts the batch down to; tasks
+#: with fewer images than this train on all of them in one batch.
+MIN_CAPPED_BATCH = 8
+#: A task trained with fewer optimizer steps than this gets a :class:`TrainingBudgetWarning`.
+FEW_STEPS_WARNING = 50
+#: The loss "did not fall" when the mean of its last 10% of steps is above this share of the mean of
+#: its first 10% (i.e. it fell by less than 10%) ...
+LOSS_FALL_RATIO = 0.9
+#: ... unless it already is below this share of ln(C_t) (a task learned from the first steps on).
+LOSS_SMALL_SHARE = 0.1
+#: The loss "ended near chance level" when the mean of its last 10% of steps is at least this share
+#: of ln(C_t), the loss of a uniform guess (the task's classes are barely told apart).
+LOSS_CHANCE_SHARE = 0.75
+#: The loss "diverged" when the final epoch's mean exceeds this multiple of ln(C_t), or the last
+#: 10% of steps average more than this multiple of the first 10% and end near chance level.
+DIVERGENCE_FACTOR = 10.0
+
+
+class TrainingBudgetWarning(UserWarning):
+    """A task was trained too little or badly: few optimizer steps, a loss that did not fall or one
+    that diverged. The same text is in the task's record (``record["warnings"]``, history.json)."""
+
+
+@dataclass(frozen=True)
+class TrainingBudget:
+    """The optimisation budget of one task (see :func:`training_budget`).
+
+    Attributes:
+        batch_size: images per optimizer step (global over torchrun processes).
+        epochs: passes over the task's training images.
+        steps_per_epoch: optimizer steps per epoch, ``ceil(num_images / batch_size)``.
+        steps: optimizer steps in all, ``epochs * steps_per_epoch``.
+        batch_capped: the batch is smaller than ``train.batch_size`` because the task is small.
+        epochs_raised: ``epochs`` is above ``train.epochs`` to reach ``train.min_steps``.
+    """
+
+    batch_size: int
+    epochs: int
+    steps_per_epoch: int
+    steps: int
+    batch_capped: bool
+    epochs_raised: bool
+
+
+def training_budget(num_images: int, batch_size: int, epochs: int, min_steps: int = 0,
+                    max_batch_fraction: Optional[float] = None) -> TrainingBudget:
+    """The batch size, epochs and optimizer steps of a task of ``num_images`` training images.
+
+    1. Batch cap: ``cap = max(MIN_CAPPED_BATCH, floor(max_batch_fraction * num_images))``. When
+       ``cap < batch_size`` the epoch is cut into ``k = ceil(num_images / cap)`` batches of nearly
+       equal size, ``ceil(num_images / k)`` images each (<= cap; so a fraction of 0.25 gives at
+       least 4 steps per epoch once ``num_images >= 4 * MIN_CAPPED_BATCH``). Otherwise the batch
+       is ``batch_size`` (the last batch of an epoch holds the remainder). ``None`` = no cap.
+    2. ``steps_per_epoch = ceil(num_images / batch)``.
+    3. Minimum steps: ``epochs = max(epochs, ceil(min_steps / steps_per_epoch))``; ``min_steps=0``
+       keeps ``epochs``.
+
+    Examples (batch 128, 2 epochs, min_steps 100, fraction 0.25): 12,000 images -> batch 128,
+    2 epochs, 188 steps (unchanged); 150 images -> batch 30, 20 epochs of 5 steps, 100 steps.
+
+    Args:
+        num_images: the task's training images (>= 1).
+        batch_size: ``train.batch_size`` (>= 1).
+        epochs: ``train.epochs`` (>= 1), the least number of epochs.
+        min_steps: ``train.min_steps`` (>= 0).
+        max_batch_fraction: ``train.max_batch_fraction`` in (0, 1], or None.
+
+    Raises:
+        ValueError: a value outside those ranges.
+    """
+    if num_images < 1:
+        raise ValueError(f"a task needs at least one training image, got {num_images}")
+    if batch_size < 1 or epochs < 1 or min_steps < 0:
+        raise ValueError(f"batch_size={batch_size} and epochs={epochs} must be >= 1, min_steps={min_steps} >= 0")
+    if max_batch_fraction is not None and not 0.0 < max_batch_fraction <= 1.0:
+        raise ValueError(f"max_batch_fraction={max_batch_fraction} must lie in (0, 1] or be None")
+    batch, capped = batch_size, False
+    if max_batch_fraction is not None:
+        cap = max(MIN_CAPPED_BATCH, math.floor(max_batch_fraction * num_images))
+        if cap < batch_size:
+            k = math.ceil(num_images / cap)
+            batch, capped = math.ceil(num_images / k), True
+    per_epoch = math.ceil(num_images / batch)
+    needed = math.ceil(min_steps / per_epoch) if min_steps > 0 else 0
+    eff_epochs = max(epochs, needed)
+    return TrainingBudget(batch_size=batch, epochs=eff_epochs, steps_per_epoch=per_epoch,
+                          steps=eff_epochs * per_epoch, batch_capped=capped, epochs_raised=eff_epochs > epochs)
+
+
+def _count(n: int, word: str) -> str:
+    """``"1 epoch"``, ``"2 epochs"``, ``"3 batches"``."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}{'es' if word.endswith('tch') else 's'}"
+
+
+def loss_diagnosis(step_losses: Sequence[float], epoch_losses: Sequence[float],
+                   num_classes: int) -> tuple[dict[str, float], list[str]]:
+    """Did a task's training loss fall? Compares the first and last 10% of its steps.
+
+    Args:
+        step_losses: the cross-entropy of every optimizer step, in order (nats).
+        epoch_losses: the mean loss of every epoch (nats); the last one is the final loss.
+        num_classes: C_t; ln(C_t) is the loss of a uniform prediction.
+
+    Returns:
+        ``(trend, problems)``: ``trend`` holds ``first`` and ``last`` (mean loss of the first and
+        last ``window_steps = max(1, steps // 10)`` steps), ``window_steps`` and ``change``
+        (``last / first - 1``, e.g. -0.6 = fell by 60%); ``problems`` holds at most one sentence
+        (without the task's name), the first that applies of: the loss diverged (final epoch above
+        ``DIVERGENCE_FACTOR * ln C_t``, or ``last > DIVERGENCE_FACTOR * first`` while ``last >=
+        LOSS_CHANCE_SHARE * ln C_t``), did not fall (``last > LOSS_FALL_RATIO * first`` while above
+        ``LOSS_SMALL_SHARE * ln C_t``; not checked for a single step), was unstable (an earlier
+        epoch above ``DIVERGENCE_FACTOR * ln C_t``), or ended near chance level (``last >=
+        LOSS_CHANCE_SHARE * ln C_t``). Empty inputs give ``({}, [])``; a single-class task (its
+        loss is always 0) gets the trend and no problem.
+    """
+    if not step_losses or not epoch_losses:
+        return {}, []
+    k = max(1, len(step_losses) // 10)
+    first = float(np.mean(step_losses[:k]))
+    last = float(np.mean(step_losses[-k:]))
+    change = last / first - 1.0 if first > 0 else 0.0
+    trend = {"first": first, "last": last, "window_steps": k, "change": change}
+    if num_classes < 2:
+        return trend, []
+    chance = math.log(num_classes)
+    final = float(epoch_losses[-1])
+    where = (f"mean of the first {k} steps {first:.4g}, of the last {k} {last:.4g}" if k > 1
+             else f"first step {first:.4g}, last step {last:.4g}")
+    near_chance = last >= LOSS_CHANCE_SHARE * chance
+    if final > DIVERGENCE_FACTOR * chance or (last > DIVERGENCE_FACTOR * first and near_chance):
+        return trend, [(f"the training loss diverged: final epoch loss {final:.4g} (a uniform guess over "
+                       f"{num_classes} classes scores ln {num_classes} = {chance:.3f}; {where}); "
+                       "lower train.lr / train.head_lr")]
+    how = f"fell by only {-100 * change:.1f}%" if change < 0 else f"rose by {100 * change:.1f}%"
+    advice = "the task is barely learned: raise train.min_steps or train.epochs, or check train.lr and the data"
+    if len(step_losses) > 1 and last > LOSS_FALL_RATIO * first and last > LOSS_SMALL_SHARE * chance:
+        end = " and ended near chance level" if near_chance else ""
+        return trend, [(f"the training loss did not fall: it {how}{end} ({where}; a uniform guess over "
+                       f"{num_classes} classes scores ln {num_classes} = {chance:.3f}); {advice}")]
+    peak = int(np.argmax(epoch_losses))
+    if epoch_losses[peak] > DIVERGENCE_FACTOR * chance:
+        return trend, [(f"the training loss was unstable: epoch {peak + 1} averaged {epoch_losses[peak]:.4g} (over "
+                       f"{DIVERGENCE_FACTOR:g} x ln {num_classes} = {DIVERGENCE_FACTOR * chance:.3g}) before it ended "
+                       f"at {final:.4g}; lower train.lr / train.head_lr")]
+    if near_chance:
+        return trend, [(f"the training loss ended near chance level: {where}, {100 * last / chance:.0f}% of "
+                       f"ln {num_classes} = {chance:.3f} (a uniform guess over {num_classes} classes); {advice}")]
+    return trend, []
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -167,6 +318,8 @@ class ContinualLearner:
         self.task_classes: list[tuple[int, ...]] = []
         self.history: list[dict[str, Any]] = []
         self.progress = make_progress(cfg.train.progress)
+        #: called as ``step_callback(task, loss, optimizer)`` after every optimiser step (duallora.tensorboard)
+        self.step_callback = None
 
     # ------------------------------------------------------------------ helpers
     def autocast(self):
@@ -214,7 +367,8 @@ class ContinualLearner:
     def _optimizer(self, groups: dict[str, list[nn.Parameter]]) -> torch.optim.Optimizer:
         tc = self.cfg.train
         head_lr = tc.head_lr if tc.head_lr is not None else tc.lr
-        params = [{"params": groups["adapters"], "lr": tc.lr}, {"params": groups["head"], "lr": head_lr}]
+        params = [{"params": groups["adapters"], "lr": tc.lr, "name": "adapters"},
+                  {"params": groups["head"], "lr": head_lr, "name": "head"}]
         params = [p for p in params if p["params"]]
         if tc.optimizer == "adam":
             return torch.optim.Adam(params, lr=tc.lr, weight_decay=tc.weight_decay)
@@ -230,12 +384,41 @@ class ContinualLearner:
             train_data: the task's training images.
             classes: the task's dataset label ids; their order fixes the head's output order.
 
+        The training budget adapts to the task's size (:func:`training_budget`): with N training
+        images (for ``joint``, the union of the tasks so far), the batch is at most
+        ``max(8, floor(train.max_batch_fraction * N))`` images (epochs cut into equal batches when
+        this cap is below ``train.batch_size``), and the epochs are raised above ``train.epochs``
+        until the task gets at least ``train.min_steps`` optimizer steps. The cosine schedule spans
+        the effective steps. At the defaults (batch 128, 2 epochs, min_steps 100, fraction 0.25) a
+        task of 12,000 images trains as configured (188 steps); one of 150 images gets 20 epochs of
+        5 batches of 30 (100 steps).
+
+        A task trained with fewer than :data:`FEW_STEPS_WARNING` (50) steps gets a warning, and so
+        does one whose loss diverged (final epoch above 10 ln C_t, or the last 10% of steps above
+        10x the first 10% and near chance), did not fall by 10% from its first to its last 10% of
+        steps, spiked (an epoch above 10 ln C_t) or ended near chance level (last 10% of steps at
+        >= 0.75 ln C_t; :func:`loss_diagnosis`): in ``record["warnings"]`` and as a
+        :class:`TrainingBudgetWarning` (main process only).
+
+        Args:
+            train_data: the task's training images.
+            classes: the task's dataset label ids; their order fixes the head's output order.
+
         Returns:
-            a record of the task: losses per epoch, time, adapter ranks, memory growth.
+            a record of the task (JSON-serialisable; the run writes it to history.json):
+            ``epoch_loss`` (mean cross-entropy per epoch, nats; ``[]`` when nothing was trained),
+            ``trained`` (False for methods without trainable parameters: simplecil, fecam),
+            ``batch_size``/``epochs``/``steps`` (effective; None/0/0 when not trained),
+            ``budget`` (trained only: the :class:`TrainingBudget` fields, the training-set size and
+            the configured values), ``loss_trend`` (see :func:`loss_diagnosis`; ``{}`` when not
+            trained), ``warnings`` (list of str), ``summary`` (one line for the terminal: ``"loss
+            0.3445"``, with the budget when it was adapted and the number of warnings, or ``"no
+            training (statistics only)"``), times in seconds, adapter ranks, memory growth.
 
         Raises:
             TrainingError: the loss became NaN/inf, or a label is not in ``classes``.
-            ValueError: a class already seen or an empty task.
+            ValueError: a class already seen, an empty class list, or no training images (for a
+                method that trains).
         """
         classes = tuple(int(c) for c in classes)
         if not classes:
@@ -256,13 +439,20 @@ class ContinualLearner:
         groups = self.method.param_groups(t)
         trainable = [p for g in groups.values() for p in g]
         # a method without trainable parameters (simplecil, fecam) learns in end_task: no epochs, no
-        # optimiser; its epoch_loss is [nan] (no loss)
-        epochs = tc.epochs if trainable else 0
+        # optimiser; its record says trained=False with an empty epoch_loss
         opt = self._optimizer(groups) if trainable else None
         # a method may train on more than the task's own data (joint, the non-continual upper bound)
         training_set = getattr(self.method, "training_set", None)
         train_set = training_set(data, t) if training_set is not None and trainable else data
-        loader = self._loader(train_set, tc.batch_size, shuffle=True, seed=self.cfg.seed * 1000 + t)
+        budget: Optional[TrainingBudget] = None
+        if trainable:
+            if len(train_set) == 0:  # type: ignore[arg-type]
+                raise ValueError(f"task {t + 1} has no training images")
+            budget = training_budget(len(train_set), tc.batch_size, tc.epochs, tc.min_steps,  # type: ignore[arg-type]
+                                     tc.max_batch_fraction)
+        epochs = budget.epochs if budget is not None else 0
+        batch_size = budget.batch_size if budget is not None else tc.batch_size
+        loader = self._loader(train_set, batch_size, shuffle=True, seed=self.cfg.seed * 1000 + t)
         steps = epochs * len(loader)
         sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
                  if tc.scheduler == "cosine" and opt is not None else None)
@@ -276,20 +466,21 @@ class ContinualLearner:
         if tc.compile and trainable:
             forward = torch.compile(forward)  # type: ignore[assignment]
         scaler = torch.amp.GradScaler(self.device.type) if tc.precision == "fp16" and trainable else None
-        losses: list[float] = [] if trainable else [float("nan")]
+        losses: list[float] = []
+        step_losses: list[float] = []
         train_start = time.perf_counter()
         step = 0
         for epoch in range(epochs):
             assert opt is not None
             total, n = 0.0, 0
-            bar = self.progress(loader, f"task {t + 1} epoch {epoch + 1}/{tc.epochs}")
+            bar = self.progress(loader, f"task {t + 1} epoch {epoch + 1}/{epochs}")
             for x, y in bar:
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
                 with self.autocast():
                     logits = forward(x)
                 loss = F.cross_entropy(logits, y)
                 if not torch.isfinite(loss):
-                    raise TrainingError(
+                    raise DivergenceError(
                         f"the loss became {loss.item()} at task {t + 1}, epoch {epoch + 1}, step {step}; "
                         f"lower train.lr (now {tc.lr}) or check the data"
                     )
@@ -301,13 +492,17 @@ class ContinualLearner:
                 else:
                     loss.backward()
                     opt.step()
+                if self.step_callback is not None:  # before the schedule moves: the rate this step used
+                    self.step_callback(t, loss.item(), opt)
                 if sched is not None:
                     sched.step()
                 step += 1
-                total += loss.item() * len(y)
+                value = loss.item()
+                step_losses.append(value)
+                total += value * len(y)
                 n += len(y)
                 if hasattr(bar, "set_postfix"):
-                    bar.set_postfix(loss=f"{loss.item():.4f}")
+                    bar.set_postfix(loss=f"{value:.4f}")
             losses.append(total / max(n, 1))
         train_time = time.perf_counter() - train_start
         for p in trainable:
@@ -317,17 +512,48 @@ class ContinualLearner:
             end_info = self.method.end_task(ctx)
         end_time = time.perf_counter() - end_start
         self.task_classes.append(classes)
+        trend, problems = loss_diagnosis(step_losses, losses, len(classes))
+        budget_info: dict[str, Any] = {"trained": bool(trainable), "batch_size": batch_size if trainable else None,
+                                       "epochs": epochs, "steps": step}
+        if budget is not None:
+            budget_info["budget"] = {**asdict(budget), "train_set_images": len(train_set),  # type: ignore[arg-type]
+                                     "configured_batch_size": tc.batch_size, "configured_epochs": tc.epochs,
+                                     "min_steps": tc.min_steps, "max_batch_fraction": tc.max_batch_fraction}
+            if step < FEW_STEPS_WARNING:
+                problems.insert(0, (
+                    f"only {_count(step, 'optimizer step')} ({_count(epochs, 'epoch')} x "
+                    f"{_count(len(loader), 'batch')} of up to {batch_size} images, "
+                    f"{len(train_set)} training images); "  # type: ignore[arg-type]
+                    f"fewer than {FEW_STEPS_WARNING} rarely train the heads and adapters: raise train.min_steps "
+                    f"(now {tc.min_steps}) or train.epochs (now {tc.epochs})"))
+        task_warnings = [f"task {t + 1}: {msg}" for msg in problems]
+        if not trainable:
+            summary = "no training (statistics only)"
+        else:
+            summary = f"loss {losses[-1]:.4f}"
+            if budget is not None and (budget.batch_capped or budget.epochs_raised):
+                summary += (f" ({_count(step, 'step')}: {_count(epochs, 'epoch')} x "
+                            f"{_count(len(loader), 'batch')} of {batch_size})")
+        if task_warnings:
+            summary += f" [{len(task_warnings)} warning{'s' if len(task_warnings) > 1 else ''}]"
         record = {
             "task": t + 1,
             "classes": list(classes),
             "train_images": len(data),
             "epoch_loss": losses,
+            **budget_info,
+            "loss_trend": trend,
+            "warnings": task_warnings,
+            "summary": summary,
             "train_time_s": train_time,
             "task_time_s": time.perf_counter() - start,
             "end_task_time_s": end_time,
             **begin_info,
             **end_info,
         }
+        if distributed.is_main():
+            for msg in task_warnings:
+                warnings.warn(msg, TrainingBudgetWarning, stacklevel=2)
         self.history.append(record)
         return record
 

@@ -379,8 +379,11 @@ def test_imagefolder_errors(tmp_path):
     _png(corrupt / "a" / "1.png", 1)
     _png(corrupt / "a" / "2.png", 1)
     (corrupt / "a" / "3.png").write_bytes(b"this is not a png")
-    train = load_dataset("imagefolder", "train", root=str(corrupt), test_fraction=0.3)
-    test = load_dataset("imagefolder", "test", root=str(corrupt), test_fraction=0.3)
+    with pytest.raises(DataError, match=r"1 of 3 image files cannot be read: .*3\.png"):  # the up-front check
+        load_dataset("imagefolder", "train", root=str(corrupt), test_fraction=0.3)
+    # without it, the bad file is found (and named) when it is read
+    train = load_dataset("imagefolder", "train", root=str(corrupt), test_fraction=0.3, check_images=False)
+    test = load_dataset("imagefolder", "test", root=str(corrupt), test_fraction=0.3, check_images=False)
     both = [(d, i) for d in (train, test) for i in range(len(d))]
     bad = [(d, i) for d, i in both if d.files[i].name == "3.png"]
     assert len(bad) == 1

@@ -162,10 +162,11 @@ def test_size_errors():
     with pytest.raises(DataError, match="num_tasks=7 is more than the 6 classes"):
         scenario(num_tasks=7)
     with pytest.raises(
-        DataError, match=r"6 classes cannot be split into 4 equal tasks; choose num_tasks in \[1, 2, 3, 6\]"
+        DataError, match=r"6 classes cannot be split into 4 equal tasks; num_tasks must divide the 6 classes: "
+                         r"choose one of 1, 2, 3, 6$"
     ):
         scenario(num_tasks=4)
-    with pytest.raises(DataError, match=r"choose classes_per_task in \[1, 2, 3, 6\]"):
+    with pytest.raises(DataError, match=r"classes_per_task must divide the 6 classes: choose one of 1, 2, 3, 6$"):
         scenario(classes_per_task=4)
     with pytest.raises(DataError, match="num_tasks=0"):
         scenario(num_tasks=0)
@@ -217,3 +218,25 @@ def test_real_fashion_mnist_scenario():
     assert [t["train_count"] for t in d["tasks"]] == [100] * 5
     assert [t["test_count"] for t in d["tasks"]] == [40] * 5
     assert d["class_names"][0] == train.classes[s.class_order[0]]
+
+
+@pytest.mark.parametrize(
+    "counts, kw, message",
+    [
+        # 5 classes: the valid values were printed as "[1, 5]", which reads like the range 1..5
+        ([3] * 5, {"num_tasks": 3}, "5 classes cannot be split into 3 equal tasks; "
+                                    "num_tasks must divide the 5 classes: choose one of 1, 5"),
+        ([3] * 10, {"num_tasks": 3}, "10 classes cannot be split into 3 equal tasks; "
+                                     "num_tasks must divide the 10 classes: choose one of 1, 2, 5, 10"),
+        ([3] * 10, {"num_tasks": 20}, "num_tasks=20 is more than the 10 classes; each task needs at least one "
+                                      "class, and num_tasks must divide the 10 classes: choose one of 1, 2, 5, 10"),
+        ([3] * 5, {"classes_per_task": 2}, "5 classes cannot be split into tasks of 2 classes; "
+                                           "classes_per_task must divide the 5 classes: choose one of 1, 5"),
+        ([3] * 5, {"classes_per_task": 6}, "classes_per_task=6 is more than the 5 classes; "
+                                           "classes_per_task must divide the 5 classes: choose one of 1, 5"),
+    ],
+)
+def test_size_errors_list_every_valid_value(counts, kw, message):
+    with pytest.raises(DataError) as err:
+        ClassIncrementalScenario(make(counts), make([1] * len(counts)), **kw)
+    assert str(err.value) == message

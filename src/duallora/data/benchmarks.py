@@ -43,7 +43,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from duallora.data.datasets import DOWNLOAD_DIR, IMAGE_EXTENSIONS, ImageDataset, split_files
+from duallora.data.datasets import DOWNLOAD_DIR, IMAGE_EXTENSIONS, ImageDataset, pil_to_8bit, split_files
 from duallora.data.transforms import (
     TransformConfig,
     build_transform,
@@ -209,8 +209,9 @@ class FileListDataset(BenchmarkDataset):
 
         path = self.files[index]
         try:
-            with Image.open(path) as im:
-                return im.convert("L" if self.channels == 1 else "RGB")
+            with Image.open(path) as opened:
+                im = pil_to_8bit(opened, self.channels)
+                return im.copy() if im is opened else im  # decode before the file is closed
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
             raise DataError(
                 f"{self.name}: cannot read image {path!r} ({type(exc).__name__}: {exc}); replace the file "

@@ -416,6 +416,126 @@ def split_files(
     return sorted(shuffled[n_test:]), sorted(shuffled[:n_test])
 
 
+#: PIL modes holding more than 8 bits per pixel, with the value that maps to 255 (see :func:`pil_to_8bit`).
+HIGH_BIT_MODES: dict[str, float] = {
+    "I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0,
+    "I": 65535.0,  # 32-bit int: what 16-bit PNG/PGM greyscale opens as in older Pillow, or I;16 converted
+    "F": 1.0,  # 32-bit float: taken as intensities in [0, 1]
+}
+
+
+def pil_to_8bit(im: Any, channels: int) -> Any:
+    """Convert a PIL image of any mode to 8-bit ``L`` (``channels=1``) or ``RGB`` (``channels=3``).
+
+    Modes with more than 8 bits (:data:`HIGH_BIT_MODES`) are *scaled* to 0..255 by their value
+    range and rounded, never clipped: ``I;16``/``I;16B``/``I;16L``/``I;16N`` and ``I`` divide by 257
+    (65535 -> 255; ``I`` values outside 0..65535 are clipped, ``I`` being PIL's container for 16-bit
+    greyscale), ``F`` multiplies by 255 (intensities in [0, 1], outside clipped, NaN -> 0). PIL's own
+    ``convert("L")`` clips them instead, which turns a 16-bit image into a nearly binary one.
+    Every other mode (``1``, ``L``, ``P``, ``PA``, ``LA``, ``RGB``, ``RGBA``, ``CMYK``, ``YCbCr``, ...)
+    goes through PIL's ``convert``: palettes are expanded, alpha is dropped (not composited),
+    RGB -> L uses the ITU-R 601-2 luminance.
+
+    Args:
+        im: a PIL image (loaded or lazily opened).
+        channels: 1 (greyscale) or 3 (RGB).
+
+    Returns:
+        A PIL image of mode ``L`` or ``RGB`` (``im`` itself when it already has that mode).
+
+    Raises:
+        ValueError: PIL cannot convert the mode (it names it); OSError: the image data cannot be decoded.
+    """
+    from PIL import Image
+
+    target = "L" if channels == 1 else "RGB"
+    if im.mode == target:
+        return im
+    top = HIGH_BIT_MODES.get(im.mode)
+    if top is not None:
+        values = np.asarray(im, dtype=np.float64)
+        values = np.nan_to_num(values, nan=0.0, posinf=top, neginf=0.0)
+        gray = np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8)
+        im = Image.fromarray(gray)  # mode L
+        return im if target == "L" else im.convert(target)
+    try:
+        return im.convert(target)
+    except ValueError:  # e.g. La -> L is not direct in PIL; go through a mode it converts from
+        for via in ("RGBA", "LA", "RGB"):
+            try:
+                return im.convert(via).convert(target)
+            except ValueError:
+                continue
+        raise
+
+
+def _image_problem(path: Path) -> Optional[str]:
+    """Why ``path`` is not a readable image (empty, missing, header or structure unreadable); None if fine."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror or exc}"
+    if size == 0:
+        return "empty file (0 bytes)"
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            im.verify()  # PNG: every chunk and its CRC up to IEND; other formats: the header
+        if w < 1 or h < 1:
+            return f"image of size {w}x{h}"
+    except UnidentifiedImageError:
+        return "not an image PIL can read (unknown or damaged header)"
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ... for damaged files
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+#: Signatures (paths, sizes, modification times) of file sets that passed :func:`check_image_files`.
+_CHECKED: set[int] = set()
+#: Bad files named in a :func:`check_image_files` error (the rest are counted).
+MAX_LISTED_BAD_FILES = 10
+
+
+def check_image_files(paths: Sequence[str | Path], what: str) -> None:
+    """Check up front that every image file is non-empty and readable by PIL (header, and for PNG every chunk).
+
+    Fast (no pixel is decoded; a truncated JPEG whose header is intact passes and fails only when
+    read). A set of files that passed is remembered for this process (keyed by path, size and
+    modification time), so loading both splits of a folder checks it once.
+
+    Args:
+        paths: the image files.
+        what: the dataset's name, for the message (e.g. ``"imagefolder"``).
+
+    Raises:
+        DataError: naming the first :data:`MAX_LISTED_BAD_FILES` bad files with their problem, the
+            number of bad files, and the fix (remove or replace them, or ``data.check_images=false``).
+    """
+    files = sorted(str(p) for p in paths)
+    stamps = []
+    for f in files:
+        try:
+            st = Path(f).stat()
+            stamps.append((f, st.st_size, st.st_mtime_ns))
+        except OSError:
+            stamps.append((f, -1, -1))
+    signature = hash(tuple(stamps))
+    if signature in _CHECKED:
+        return
+    bad = [(f, problem) for f in files if (problem := _image_problem(Path(f))) is not None]
+    if bad:
+        listed = "; ".join(f"{f!r} ({problem})" for f, problem in bad[:MAX_LISTED_BAD_FILES])
+        more = f"; and {len(bad) - MAX_LISTED_BAD_FILES} more" if len(bad) > MAX_LISTED_BAD_FILES else ""
+        raise DataError(
+            f"{what}: {len(bad)} of {len(files)} image files cannot be read: {listed}{more}; remove or "
+            "replace them, or set data.check_images=false to skip this check (unreadable images then fail "
+            "when training reaches them)"
+        )
+    _CHECKED.add(signature)
+
+
 class ImageFolderDataset(ImageDataset):
     """Images in class folders, read lazily with PIL in ``__getitem__``.
 
@@ -424,7 +544,8 @@ class ImageFolderDataset(ImageDataset):
         targets: label id of each item.
         classes: class names (sorted folder names), index = label id.
         image_size: ``(H, W)`` the images are resized to (bilinear, antialiased).
-        channels: 1 (PIL mode ``L``) or 3 (``RGB``).
+        channels: 1 (PIL mode ``L``) or 3 (``RGB``); any mode PIL opens is converted by
+            :func:`pil_to_8bit` (16-bit images are scaled, not clipped).
 
     Raises (in ``__getitem__``):
         DataError: an image cannot be read (names the file).
@@ -456,8 +577,10 @@ class ImageFolderDataset(ImageDataset):
         index = int(index)
         path = self.files[index]
         try:
-            with Image.open(path) as im:
-                im = im.convert("L" if self.channels == 1 else "RGB")
+            with Image.open(path) as opened:
+                im = pil_to_8bit(opened, self.channels)
+                if im is opened:  # already L/RGB: decode into a copy before the file is closed
+                    im = im.copy()
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
             raise DataError(
                 f"imagefolder: cannot read image {str(path)!r} ({type(exc).__name__}: {exc}); "
@@ -475,6 +598,7 @@ def _load_imagefolder(
     channels: int,
     seed: int,
     test_fraction: float,
+    check_images: bool = True,
 ) -> ImageFolderDataset:
     if root is None:
         raise DataError(
@@ -499,6 +623,8 @@ def _load_imagefolder(
         folder = train_dir if split == "train" else test_dir
         files = per_split[split]
         items = [(folder / f, i) for i, c in enumerate(classes) for f in files[c]]
+        every_file = [d / f for d, sp in ((train_dir, "train"), (test_dir, "test"))
+                      for fs in per_split[sp].values() for f in fs]
     else:
         for present, other in ((train_dir, test_dir), (test_dir, train_dir)):
             if present.is_dir() and _class_dirs(present):
@@ -513,6 +639,9 @@ def _load_imagefolder(
         for i, c in enumerate(classes):
             train_f, test_f = split_files(per_class[c], c, seed=seed, test_fraction=test_fraction)
             items += [(base / f, i) for f in (train_f if split == "train" else test_f)]
+        every_file = [base / f for fs in per_class.values() for f in fs]
+    if check_images:  # both splits at once, so that every bad file is named in one error
+        check_image_files(every_file, "imagefolder")
     return ImageFolderDataset(
         [p for p, _ in items],
         [t for _, t in items],
@@ -540,6 +669,7 @@ def load_dataset(
     split_sha256: Any = None,
     transform: Any = None,
     augment: bool = False,
+    check_images: bool = True,
 ) -> ImageDataset:
     """Load one split of a dataset.
 
@@ -559,13 +689,17 @@ def load_dataset(
             crop); benchmarks only, None = bilinear resize at ``image_size``.
         augment: training augmentation (random resized crop + flip) for the ``train`` split; the
             benchmarks augment the full-resolution image, the other datasets their resized image.
+        check_images: imagefolder and the file-based benchmarks (all but ``cifar100``): check every
+            image file up front with :func:`check_image_files` (imagefolder: both splits), so that an
+            empty or corrupt file is an error before training rather than when training reaches it.
 
     Returns:
         An :class:`ImageDataset` whose items are ``(uint8 (channels, H, W), int label)``.
 
     Raises:
         DataError: unknown name or split, missing files (with where they were looked for and how to
-            supply them), or an imagefolder that cannot be used as is.
+            supply them), an imagefolder that cannot be used as is, or (``check_images``) image files
+            that are empty or unreadable.
     """
     key = name.lower() if isinstance(name, str) else name
     if key not in DATASETS:
@@ -578,18 +712,22 @@ def load_dataset(
     if key in BENCHMARK_DATASETS:
         from duallora.data.benchmarks import load_benchmark
 
-        return load_benchmark(
+        bench = load_benchmark(
             key, split, root=root, image_size=size, channels=channels, seed=seed, test_fraction=test_fraction,
             split_train=split_train, split_test=split_test, split_sha256=split_sha256, transform=transform,
             augment=augment,
         )
+        files = getattr(bench, "files", None)  # FileListDataset; cifar100 is held in memory
+        if check_images and files:
+            check_image_files(files, f"{key} ({split} split)")
+        return bench
     if split_train is not None or split_test is not None or split_sha256 is not None:
         raise DataError(
             f"{key}: split lists and their sha256 (data.split_train/split_test/split_sha256) are for "
             f"{', '.join(BENCHMARK_DATASETS)}; remove them"
         )
     if key == "imagefolder":
-        dataset: ImageDataset = _load_imagefolder(split, root, size, channels, seed, test_fraction)
+        dataset: ImageDataset = _load_imagefolder(split, root, size, channels, seed, test_fraction, check_images)
     else:
         dataset = _load_idx_dataset(key, split, root, size, channels)
     if augment and split == "train":

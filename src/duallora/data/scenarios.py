@@ -41,6 +41,11 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def _valid_choices(key: str, n: int) -> str:
+    """``"num_tasks must divide the 10 classes: choose one of 1, 2, 5, 10"`` (every valid value, listed)."""
+    return f"{key} must divide the {n} classes: choose one of {', '.join(str(d) for d in _divisors(n))}"
+
+
 def _as_long(values: Any) -> torch.Tensor:
     if isinstance(values, torch.Tensor):
         return values.long()
@@ -179,21 +184,23 @@ class ClassIncrementalScenario:
             if num_tasks > n:
                 raise DataError(
                     f"num_tasks={num_tasks} is more than the {n} classes; each task needs at least one "
-                    f"class (choose num_tasks in {_divisors(n)})"
+                    f"class, and {_valid_choices('num_tasks', n)}"
                 )
             if n % num_tasks:
                 raise DataError(
                     f"{n} classes cannot be split into {num_tasks} equal tasks; "
-                    f"choose num_tasks in {_divisors(n)}"
+                    f"{_valid_choices('num_tasks', n)}"
                 )
             return num_tasks, n // num_tasks
         assert cpt is not None
         if cpt > n:
-            raise DataError(f"classes_per_task={cpt} is more than the {n} classes")
+            raise DataError(
+                f"classes_per_task={cpt} is more than the {n} classes; {_valid_choices('classes_per_task', n)}"
+            )
         if n % cpt:
             raise DataError(
                 f"{n} classes cannot be split into tasks of {cpt} classes; "
-                f"choose classes_per_task in {_divisors(n)}"
+                f"{_valid_choices('classes_per_task', n)}"
             )
         return n // cpt, cpt
 
