@@ -72,9 +72,9 @@ def inference(learners: dict[str, ContinualLearner], repeats: int) -> dict:
     c, h, w = next(iter(learners.values())).backbone_info.input_size
     for batch in (1, 64):
         x = torch.randint(0, 256, (batch, c, h, w), dtype=torch.uint8)
-        fns = {name: (lambda l=l: l.predict(x)) for name, l in learners.items()}
+        fns = {name: (lambda learner=learner, x=x: learner.predict(x)) for name, learner in learners.items()}
         frozen = learners["frozen"]
-        fns["backbone"] = lambda: frozen.model.features(x)
+        fns["backbone"] = lambda frozen=frozen, x=x: frozen.model.features(x)
         med = time_calls(fns, repeats if batch == 64 else repeats * 4)
         per_image = {k: v / batch * 1e3 for k, v in med.items()}
         out[f"batch_{batch}"] = {
@@ -163,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-rounds", type=int, default=3, help="rounds of the training-step comparison")
     parser.add_argument("--task-images", type=int, default=12000,
                         help="images per task for the statistics share (the default benchmark has 12000)")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs for the statistics share (None: the config default)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="epochs for the statistics share (None: the config default)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (1 on a shared machine; None: torch default)")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "speed.json",
@@ -204,8 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'measure':78s} {'ratio':>7s}  target")
     for name, value, target in rows:
         print(f"{name:78s} {value:7.3f}  {target}")
-    print(f"ms per image (batch 64): " + ", ".join(f"{k} {v:.3f}" for k, v in inf["batch_64"]["ms_per_image"].items()))
-    print(f"ms per training step: " + ", ".join(f"{k} {v:.1f}" for k, v in tr["ms_per_step"].items()))
+    print("ms per image (batch 64): " + ", ".join(f"{k} {v:.3f}" for k, v in inf["batch_64"]["ms_per_image"].items()))
+    print("ms per training step: " + ", ".join(f"{k} {v:.1f}" for k, v in tr["ms_per_step"].items()))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     print(f"written to {args.output} ({result['wall_time_s']:.0f} s)")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from duallora.data import standins
+from duallora.data.registry import get_source
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {
@@ -36,7 +36,8 @@ PRESETS = {
 
 
 def build(folder: Path) -> dict[str, Path]:
-    """Stand-in roots for every benchmark dataset plus a random tiny backbone file under ``folder``."""
+    """Stand-in roots for every benchmark dataset (each source's own, ``DataSource.standin``) plus a random
+    tiny backbone file under ``folder``."""
     from safetensors.torch import save_file
 
     from duallora.backbones import build_shipped_architecture
@@ -45,15 +46,7 @@ def build(folder: Path) -> dict[str, Path]:
     if data.exists():  # rebuilt on every call, so the script can be run again on the same folder
         shutil.rmtree(data)
     data.mkdir(parents=True)
-    roots = {
-        "cifar100": standins.make_cifar(data / "cifar100", n_classes=4, n_train=6, n_test=2),
-        "cub200": standins.make_cub(data / "cub200", n_classes=4, per_class=6).parent,
-    }
-    for name in ("imagenet-r", "imagenet-a"):
-        standins.make_wnid_folders(data / name, n_classes=4, per_class=6)
-        roots[name] = data / name
-    standins.make_domainnet(data / "domainnet", n_classes=4, n_train=2, n_test=1)
-    roots["domainnet"] = data / "domainnet"
+    roots = {name: get_source(name).standin(data / name).root for name in dict.fromkeys(PRESETS.values())}
     torch.manual_seed(0)
     weights = data / "tiny_vit.safetensors"
     save_file({k: v.contiguous() for k, v in build_shipped_architecture().state_dict().items()}, str(weights))

@@ -1,4 +1,4 @@
-"""Baselines (duallora.baselines) through the shared learner: InfLoRA, SD-LoRA, L2P, SimpleCIL, FeCAM, joint.
+"""Baselines (duallora.methods) through the shared learner: InfLoRA, SD-LoRA, L2P, SimpleCIL, FeCAM, joint.
 
 Tiny random ViTs and synthetic images (one random pixel pattern per class), 1 epoch per task; the
 training-free classifiers are checked by hand on features looked up from the image (pixel 0 = an id).
@@ -13,10 +13,9 @@ import torch
 from torch.utils.data import TensorDataset
 
 from duallora.backbones import create_backbone
-from duallora.baselines import L2P, FeCAM, InfLoRA, Joint, LowRankBranches, SDLoRA, SimpleCIL, _AddAuxLoss
 from duallora.config import load_config
-from duallora.errors import ConfigError
-from duallora.methods import METHODS, build_method
+from duallora.errors import ConfigError, TrainingError
+from duallora.methods import L2P, METHODS, FeCAM, InfLoRA, Joint, LowRankBranches, SDLoRA, SimpleCIL, build_method
 from duallora.training import ContinualLearner
 from tests.synthetic import SMALL_TRAINING, TASKS, make_data, small_backbone
 
@@ -65,7 +64,7 @@ def test_training_free_methods_have_no_parameters_and_run_no_epoch(monkeypatch):
         learner = make_learner(method)
         assert learner.method.param_groups(0) == {"adapters": [], "head": []}
         calls = []
-        monkeypatch.setattr(learner.method, "train_logits", lambda x, t: calls.append(1))
+        monkeypatch.setattr(learner.method, "train_logits", lambda x, t, calls=calls: calls.append(1))
         learn(learner, TASKS[:1])
         assert calls == [] and len(learner.model.heads) == 0
 
@@ -240,16 +239,33 @@ def test_l2p_selects_prompts_per_image_and_trains_pool_and_keys():
     assert seen == [17, 17 + 2 * 3]  # query pass, prompted pass
 
 
-def test_aux_loss_attachment_adds_its_gradient():
-    logits = torch.randn(4, 3, requires_grad=True)
-    w = torch.randn(2, requires_grad=True)
-    y = torch.tensor([0, 2, 1, 1])
-    aux = (w ** 2).sum()
-    torch.nn.functional.cross_entropy(_AddAuxLoss.apply(logits, aux), y).backward()
-    g_logits, g_w = logits.grad.clone(), w.grad.clone()
-    logits.grad, w.grad = None, None
-    (torch.nn.functional.cross_entropy(logits, y) + (w ** 2).sum()).backward()
-    assert torch.allclose(g_logits, logits.grad) and torch.allclose(g_w, w.grad)
+def test_l2p_loss_hook_adds_the_weighted_key_loss_and_the_record_keeps_the_cross_entropy():
+    learner = make_learner("l2p", ["method.prompt_pool=6", "method.prompt_top_k=2", "method.prompt_key_weight=0.5"])
+    method = learner.method
+    learn(learner, TASKS[:1])
+    x, y = make_data(TASKS[0], 3, seed=4).tensors
+    y = (y == TASKS[0][1]).long()  # task-local labels
+    logits = method.train_logits(x, 0)
+    sim, idx = method.select(method.query(x))
+    key_loss = (1.0 - sim.gather(1, idx)).sum(1).mean()
+    ce = torch.nn.functional.cross_entropy(logits, y)
+    total = method.loss(logits, y, x, 0)
+    assert torch.allclose(total, ce + 0.5 * key_loss)
+    total.backward()
+    assert method.keys.grad is not None and float(method.keys.grad.abs().sum()) > 0  # the key term reaches the keys
+    with pytest.raises(TrainingError, match="train_logits"):  # the key loss is used once, by its own step
+        method.loss(logits, y, x, 0)
+    # the record's loss is the plain cross-entropy of the step's logits, not the objective
+    seen: list[float] = []
+    orig = method.loss
+
+    def spy(logits, labels, images, task):
+        seen.append(float(torch.nn.functional.cross_entropy(logits.detach(), labels)))
+        return orig(logits, labels, images, task)
+
+    method.loss = spy  # type: ignore[method-assign]
+    record = learner.learn_task(make_data(TASKS[1], 20, seed=1), TASKS[1])
+    assert len(seen) == 4 and record["epoch_loss"] == [pytest.approx(sum(seen) / 4, rel=1e-6)]
 
 
 # ---------------------------------------------------------------------- joint

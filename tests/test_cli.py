@@ -16,8 +16,8 @@ from duallora.cli import app
 pytestmark = pytest.mark.skipif(not SHIPPED_WEIGHTS.is_file(), reason="shipped backbone weights missing")
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
-SMALL = ["train.min_steps=0", "train.max_batch_fraction=null", "data.train_per_class=30", "data.test_per_class=10", "train.epochs=1", "train.progress=false",
-         "train.batch_size=32"]
+SMALL = ["train.min_steps=0", "train.max_batch_fraction=null", "data.train_per_class=30", "data.test_per_class=10",
+         "train.epochs=1", "train.progress=false", "train.batch_size=32"]
 OUTPUTS = ["config.yaml", "metrics.json", "accuracy_matrix.csv", "class_order.json", "accuracy_matrix.png",
            "accuracy_curve.png", "history.json"]
 
@@ -163,3 +163,18 @@ def test_python_dash_m_entry_point():
                          timeout=120)
     assert bad.returncode == 2
     assert bad.stderr.startswith("error: unknown config key 'nope'")
+
+
+def test_duallora_warnings_print_as_one_line_without_source_location(capsys, monkeypatch):
+    import warnings
+
+    from duallora import cli
+    from duallora.budget import TrainingBudgetWarning
+
+    cli._show_warning(TrainingBudgetWarning("task 1: only 5 optimizer steps"), TrainingBudgetWarning, "x.py", 3)
+    assert capsys.readouterr().err == "warning: task 1: only 5 optimizer steps\n"
+    seen = []
+    monkeypatch.setattr(cli, "_python_show_warning", lambda *a: seen.append(a[1]))
+    cli._show_warning(UserWarning("other"), UserWarning, "x.py", 3)  # other warnings keep Python's format
+    assert seen == [UserWarning] and capsys.readouterr().err == ""
+    assert warnings.showwarning is not cli._show_warning  # installed only while main() runs

@@ -427,3 +427,20 @@ def test_inference_only_variants_are_derived_and_equal_trained_runs(finished, tm
         b = json.loads((trained / "runs" / name / "seed-0" / "metrics.json").read_text())
         assert a["accuracy_matrix"] == b["accuracy_matrix"]
         assert a["task_id_accuracy_after_task"] == b["task_id_accuracy_after_task"]
+
+
+def test_compare_uses_only_public_helpers_of_runner_and_reporting():
+    """The compare package uses no underscore name of duallora.runner or duallora.reporting."""
+    import ast
+
+    import duallora.compare
+
+    private = []
+    for path in sorted(Path(duallora.compare.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module in ("duallora.runner", "duallora.reporting"):
+                private += [f"{path.name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+            elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                  and node.value.id in ("runner", "reporting") and node.attr.startswith("_")):
+                private.append(f"{path.name}: {node.value.id}.{node.attr}")
+    assert not private, private

@@ -16,8 +16,8 @@ from duallora.cli import app
 from duallora.distributed import GlobalBatchSampler
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
-SMALL = ["train.min_steps=0", "train.max_batch_fraction=null", "data.train_per_class=40", "data.test_per_class=10", "train.epochs=2", "train.progress=false",
-         "train.batch_size=16", "train.threads=1"]
+SMALL = ["train.min_steps=0", "train.max_batch_fraction=null", "data.train_per_class=40", "data.test_per_class=10",
+         "train.epochs=2", "train.progress=false", "train.batch_size=16", "train.threads=1"]
 
 
 def test_single_process_batches_equal_a_shuffled_dataloader():

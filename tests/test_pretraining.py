@@ -11,8 +11,7 @@ from safetensors.torch import load_file
 from duallora.backbones import file_sha256
 from duallora.errors import TrainingError
 from duallora.pretraining import PretrainRecipe, augment_batch, checkpoint_path, pretrain_vit
-
-from data.test_tiny_imagenet import write_layout
+from tests.data.test_tiny_imagenet import write_layout
 
 
 def tiny_recipe(root, **kw) -> PretrainRecipe:
@@ -85,3 +84,32 @@ def test_bad_recipes_are_refused(root, tmp_path, change, match):
     with pytest.raises(TrainingError, match=match):
         pretrain_vit(tiny_recipe(root, **change), tmp_path / "w.safetensors", progress=False)
     assert not (tmp_path / "w.safetensors").exists()
+
+
+def test_recipe_from_settings_reads_yaml_values_and_refuses_unknown_keys():
+    from duallora.pretraining import recipe_from_settings
+
+    r = recipe_from_settings(["epochs=3", "crop_scale=[0.35, 1.0]", "randaugment=[2, 9]", "classes=null"])
+    assert (r.epochs, r.crop_scale, r.randaugment, r.classes) == (3, (0.35, 1.0), (2, 9), None)
+    assert recipe_from_settings([]) == PretrainRecipe()
+    with pytest.raises(TrainingError, match="unknown pretraining setting 'width'.*embed_dim"):
+        recipe_from_settings(["width=64"])
+    with pytest.raises(TrainingError, match="not key=value"):
+        recipe_from_settings(["epochs"])
+
+
+def test_cli_pretrain_vit_recipe(root, tmp_path):
+    from typer.testing import CliRunner
+
+    from duallora.cli import app
+
+    out = tmp_path / "cli.safetensors"
+    args = ["pretrain", "--recipe", "vit", "--output", str(out), "--device", "cpu", "--precision", "fp32",
+            f"root={root}", "classes=null", "image_size=8", "patch_size=4", "embed_dim=16", "depth=1",
+            "num_heads=2", "epochs=1", "batch_size=4", "warmup_epochs=0", "name=vit_test.cli"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rec = json.loads(out.with_suffix(".json").read_text())
+    assert rec["name"] == "vit_test.cli" and rec["epochs"] == 1 and rec["recipe"]["embed_dim"] == 16
+    bad = CliRunner().invoke(app, ["pretrain", "--recipe", "mnist", "epochs=2"])
+    assert bad.exit_code == 2 and "takes no KEY=VALUE" in bad.output

@@ -19,8 +19,8 @@ FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 pytestmark = pytest.mark.skipif(not (SHIPPED_WEIGHTS.is_file() and FMNIST.is_file()),
                                 reason="needs the shipped weights and the Fashion-MNIST files")
 
-SMALL = ["train.min_steps=0", "train.max_batch_fraction=null", "data.train_per_class=40", "data.test_per_class=10", "train.epochs=2", "train.progress=false",
-         "train.batch_size=16", "train.threads=1"]
+SMALL = ["train.min_steps=0", "train.max_batch_fraction=null", "data.train_per_class=40", "data.test_per_class=10",
+         "train.epochs=2", "train.progress=false", "train.batch_size=16", "train.threads=1"]
 TIMING = {"train_time_s", "eval_time_s", "final_eval_time_s", "inference_ms_per_image", "wall_time_s",
           "resumed_after_task", "output"}
 
@@ -135,7 +135,7 @@ def test_a_run_stopped_mid_way_names_its_unfinished_folder(tmp_path, monkeypatch
     assert r.exit_code == (130 if error is KeyboardInterrupt else 2)
     assert f"the unfinished run stays in {out}.partial" in r.output
     assert f"duallora run --resume {out}" in r.output
-    if error != KeyboardInterrupt:
+    if error is not KeyboardInterrupt:
         assert "a corrupt image: img_7.png" in r.output
     assert (Path(f"{out}.partial") / "checkpoints" / "task_1.safetensors").is_file() and not out.exists()
     monkeypatch.setattr(ContinualLearner, "learn_task", real)

@@ -270,7 +270,7 @@ def test_data_changes_are_counted_and_hashed_per_task_and_split():
 
     from duallora.data.datasets import TensorImageDataset
     from duallora.data.scenarios import ClassIncrementalScenario
-    from duallora.runner import _data_changes, data_identity
+    from duallora.runner import data_changes, data_identity
 
     def scenario(drop_test: int = 0, relabel: bool = False):
         ys = torch.arange(4).repeat_interleave(3)
@@ -284,14 +284,14 @@ def test_data_changes_are_counted_and_hashed_per_task_and_split():
     s = scenario()
     stored = {**s.to_dict(), "data_identity": data_identity(s)}
     assert stored["data_identity"]["tasks"][0]["test"]["count"] == 4
-    assert _data_changes(stored, scenario()) == []
-    assert _data_changes(stored, scenario(drop_test=1)) == ["task 1 test images: 4 when the run started, 3 now"]
-    assert _data_changes(stored, scenario(relabel=True)) == [
+    assert data_changes(stored, scenario()) == []
+    assert data_changes(stored, scenario(drop_test=1)) == ["task 1 test images: 4 when the run started, 3 now"]
+    assert data_changes(stored, scenario(relabel=True)) == [
         "task 1 test images: 4 as before, but other files or labels",
         "task 2 test images: 4 as before, but other files or labels"]
     older = s.to_dict()  # a run started before the identity was recorded: its counts are compared
-    assert _data_changes(older, scenario(drop_test=1)) == ["task 1 test images: 4 when the run started, 3 now"]
-    assert _data_changes(older, scenario()) == []
+    assert data_changes(older, scenario(drop_test=1)) == ["task 1 test images: 4 when the run started, 3 now"]
+    assert data_changes(older, scenario()) == []
 
 
 @needs_backbone
@@ -405,3 +405,17 @@ def test_divergence_hint_lowers_the_head_rate_too_and_keeps_other_arguments(tmp_
                             ["--config", "my preset.yaml", "train.lr=0.01", "train.head_lr=0.1", "seed=3"])
     assert hint.endswith(f"`duallora run -o {tmp_path}/r --overwrite --config 'my preset.yaml' seed=3 "
                          "train.lr=0.0005 train.head_lr=0.0005`")
+
+
+def test_run_state_round_trips_through_checkpoint_metadata():
+    from duallora.runner import RunState
+
+    state = RunState()
+    state.train_time += 1.5
+    state.add_evaluation({"accuracy": [90.0], "task_id_accuracy": 100.0, "total": [4]}, 0.25)
+    state.add_evaluation({"accuracy": [80.0, 70.0], "task_id_accuracy": 75.0, "total": [4, 3]}, 0.5)
+    extra = json.loads(json.dumps(state.checkpoint_extra()))  # as a checkpoint's JSON metadata holds it
+    assert extra == {"accuracy_rows": [[90.0], [80.0, 70.0]], "task_id_accuracy_rows": [100.0, 75.0],
+                     "train_time_s": 1.5, "eval_time_s": 0.75, "last_eval_time_s": 0.5, "last_eval_images": 7}
+    assert RunState.from_checkpoint(extra) == state
+    assert RunState.from_checkpoint({}) == RunState()  # a checkpoint without a record: nothing measured yet

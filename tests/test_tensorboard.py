@@ -131,10 +131,9 @@ def test_from_config_switch_and_missing_package(tmp_path, monkeypatch):
 
 def test_logger_with_a_real_learner(tmp_path):
     """The learner's own evaluation and task record, and a per-step callback around its optimiser."""
-    from tests.synthetic import SMALL_TRAINING, make_data, small_backbone
-
     from duallora.config import load_config
     from duallora.training import ContinualLearner
+    from tests.synthetic import SMALL_TRAINING, make_data, small_backbone
 
     cfg = load_config(None, SMALL_TRAINING + ["method.gate_layer=1"])  # the small test ViT has 2 blocks
     learner = ContinualLearner(cfg, num_tasks=2, backbone=small_backbone())

@@ -16,12 +16,13 @@ import json
 import shlex
 import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable, List, Optional
 
 import typer
 
-from duallora.errors import DualLoRAError
+from duallora.errors import DualLoRAError, DualLoRAWarning
 
 app = typer.Typer(
     add_completion=False,
@@ -100,15 +101,19 @@ def run(
     overrides: Optional[List[str]] = typer.Argument(
         None, help="Config overrides as key=value with dotted keys, e.g. train.epochs=1 method.name=frozen seed=3."
     ),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML preset, e.g. configs/default.yaml or configs/cifar100_10tasks.yaml."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run folder (default: runs/<method>-<dataset>-...-<time>)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder (only once this run succeeds)."),
+    config: Optional[Path] = typer.Option(
+        None, "--config", "-c", help="YAML preset, e.g. configs/default.yaml or configs/cifar100_10tasks.yaml."),
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o", help="Run folder (default: runs/<method>-<dataset>-...-<time>)."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an existing run folder (only once this run succeeds)."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
     resume: Optional[Path] = typer.Option(
         None, "--resume", help="Continue the interrupted run in this folder after its last finished task "
         "(its own config is used; a --config/overrides that differ from it are refused)."),
     progress: Optional[bool] = typer.Option(
-        None, "--progress/--no-progress", help="Show or hide progress bars (sets train.progress; default: the config's)."),
+        None, "--progress/--no-progress",
+        help="Show or hide progress bars (sets train.progress; default: the config's)."),
 ) -> None:
     """Learn tasks one after another and evaluate after each without task labels.
 
@@ -117,7 +122,6 @@ def run(
     metrics.json, accuracy_matrix.csv/.png, accuracy_curve.png, history.json and a checkpoint per task.
     """
     from duallora.config import load_config, to_yaml
-
     from duallora.errors import ConfigError
 
     if progress is not None:  # last, so it wins over a train.progress=... among the overrides
@@ -167,19 +171,23 @@ def compare(
         None, metavar="[SPEC] KEY=VALUE",
         help="A compare spec file (YAML, e.g. configs/compare/default.yaml), then config overrides key=value "
         "applied to every variant after the spec's own `overrides` (e.g. train.threads=1)."),
-    output: Path = typer.Option(..., "--output", "-o", help="Compare folder: runs/<variant>/seed-<s>/ and the summary."),
-    seeds: Optional[str] = typer.Option(None, "--seeds", help="Seeds for every variant, e.g. 0,1,2 (replaces the spec's)."),
+    output: Path = typer.Option(
+        ..., "--output", "-o", help="Compare folder: runs/<variant>/seed-<s>/ and the summary."),
+    seeds: Optional[str] = typer.Option(
+        None, "--seeds", help="Seeds for every variant, e.g. 0,1,2 (replaces the spec's)."),
     only: Optional[List[str]] = typer.Option(
         None, "--only", help="Run only these variants, e.g. --only duallora,fecam (the summary still lists "
         "the others' finished runs)."),
     methods: Optional[str] = typer.Option(
-        None, "--methods", help="Instead of a spec: one variant method.name=X per method, e.g. duallora,fecam,frozen."),
+        None, "--methods",
+        help="Instead of a spec: one variant method.name=X per method, e.g. duallora,fecam,frozen."),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Rerun runs whose existing folder has a different config (or an unfinished run "
         "of a different config); finished runs of the same config are still reused."),
     progress: Optional[bool] = typer.Option(
         None, "--progress/--no-progress", help="Show or hide progress bars (default: the config's train.progress)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (variant, seed, folder, reused/to run) and exit."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print the plan (variant, seed, folder, reused/to run) and exit."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print each run's per-task lines."),
     derive: bool = typer.Option(True, "--derive/--no-derive",
                                 help="Make DualLoRA variants that differ only in inference options (calibration, "
@@ -262,8 +270,10 @@ def evaluate(
     overrides: Optional[List[str]] = typer.Argument(
         None, metavar="[KEY=VALUE]...",
         help="Overrides that do not change the model: train.eval_batch_size, train.threads, train.device, "
-        "train.precision, train.progress, data.root, data.num_workers (e.g. train.device=cuda train.eval_batch_size=1024)."),
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="Run folder, its checkpoints/ folder or one task_K.safetensors file."),
+        "train.precision, train.progress, data.root, data.num_workers "
+        "(e.g. train.device=cuda train.eval_batch_size=1024)."),
+    checkpoint: Path = typer.Option(
+        ..., "--checkpoint", help="Run folder, its checkpoints/ folder or one task_K.safetensors file."),
     data_root: Optional[str] = typer.Option(None, "--data-root", help="Data folder if it moved since the run."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write the metrics to this JSON file."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
@@ -314,14 +324,21 @@ def predict(
         ..., metavar="RUN_OR_CHECKPOINT",
         help="Run folder (its last checkpoints/task_K.safetensors is used) or one checkpoint file."),
     images: List[Path] = typer.Argument(
-        ..., metavar="IMAGES...", help="Image files and folders (searched recursively for .png .jpg .jpeg .bmp .gif .webp)."),
-    top_k: int = typer.Option(3, "--top-k", "-k", min=1, help="How many of the most probable classes to list per image."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the table to this file (atomically) instead of stdout."),
+        ..., metavar="IMAGES...",
+        help="Image files and folders (searched recursively for .png .jpg .jpeg .bmp .gif .webp)."),
+    top_k: int = typer.Option(
+        3, "--top-k", "-k", min=1, help="How many of the most probable classes to list per image."),
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o", help="Write the table to this file (atomically) instead of stdout."),
     fmt: str = typer.Option("csv", "--format", "-f", help="csv (one row per image) or json."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per forward pass (default: the run's train.eval_batch_size)."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: the run's train.threads)."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps (default: the run's train.device)."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, bf16 or fp16 (CUDA) (default: the run's train.precision)."),
+    batch_size: Optional[int] = typer.Option(
+        None, "--batch-size", min=1, help="Images per forward pass (default: the run's train.eval_batch_size)."),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", min=1, help="torch CPU threads (default: the run's train.threads)."),
+    device: Optional[str] = typer.Option(
+        None, "--device", help="auto, cpu, cuda, cuda:N or mps (default: the run's train.device)."),
+    precision: Optional[str] = typer.Option(
+        None, "--precision", help="fp32, bf16 or fp16 (CUDA) (default: the run's train.precision)."),
 ) -> None:
     """Predict the class of image files with a trained run, without task labels.
 
@@ -355,7 +372,8 @@ def predict(
     for path, reason in found.missing:
         typer.echo(f"error: cannot read {path} ({reason})", err=True)
     result = predictor.predict_files(
-        found.files, top_k=top_k, on_error=lambda path, reason: typer.echo(f"error: cannot read {path} ({reason})", err=True))
+        found.files, top_k=top_k,
+        on_error=lambda path, reason: typer.echo(f"error: cannot read {path} ({reason})", err=True))
     errors += result.errors
     text = (format_csv(result.predictions, top_k) if fmt == "csv"
             else format_json(result.predictions, errors, predictor.checkpoint))
@@ -372,30 +390,77 @@ def predict(
 @app.command()
 @user_errors
 def pretrain(
-    output: Path = typer.Option(Path("runs/pretrain/vit_tiny_patch7_28_mnist.safetensors"), "--output", "-o",
-                                help="Weights file to write (.safetensors); a .json record is written beside it."),
-    epochs: int = typer.Option(4, min=1, help="Epochs over MNIST's 60k training images."),
-    batch_size: int = typer.Option(128, min=1),
-    lr: float = typer.Option(1e-3, min=0.0),
-    seed: int = typer.Option(0),
-    train_per_class: Optional[int] = typer.Option(None, min=1, help="Cap on training images per class (quick runs)."),
+    settings: Optional[List[str]] = typer.Argument(
+        None, help="--recipe vit: recipe settings key=value (fields of duallora.pretraining.PretrainRecipe), "
+                   "e.g. root=PATH epochs=15 embed_dim=192 classes=tiny-imagenet-pretrain."),
+    recipe: str = typer.Option(
+        "mnist", "--recipe",
+        help="mnist: the MNIST backbone's recipe (shipped default; options --epochs ... below); vit: the "
+             "general ViT recipe (any data source, class list, size; defaults = the shipped Tiny-ImageNet "
+             "backbone's), changed by KEY=VALUE settings."),
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o",
+        help="Weights file to write (.safetensors); a .json record is written beside it. Default: "
+             "runs/pretrain/<name>.safetensors."),
+    epochs: int = typer.Option(4, min=1, help="--recipe mnist: epochs over MNIST's 60k training images."),
+    batch_size: int = typer.Option(128, min=1, help="--recipe mnist: batch size."),
+    lr: float = typer.Option(1e-3, min=0.0, help="--recipe mnist: peak learning rate."),
+    seed: int = typer.Option(0, help="--recipe mnist: seed (vit: the seed=N setting)."),
+    train_per_class: Optional[int] = typer.Option(None, min=1, help="--recipe mnist: cap on training images "
+                                                  "per class (quick runs)."),
     threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads."),
+    device: str = typer.Option("auto", help="--recipe vit: auto | cpu | cuda | cuda:N | mps."),
+    precision: str = typer.Option("bf16", help="--recipe vit: fp32 | bf16 | fp16 autocast."),
 ) -> None:
-    """Pre-train the small ViT (28x28, patch 7, width 192, depth 6) on MNIST: the offline default backbone.
+    """Pre-train a small ViT: the MNIST default backbone, or any timm VisionTransformer (--recipe vit).
 
-    To regenerate the shipped weights:
+    To regenerate the shipped weights (docs/pretraining.md):
+
     duallora pretrain --output src/duallora/weights/vit_tiny_patch7_28_mnist.safetensors --epochs 4 --seed 0
-    """
-    from duallora.pretrain import pretrain as do_pretrain
 
-    record = do_pretrain(output, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                         train_per_class=train_per_class, threads=threads)
+    duallora pretrain --recipe vit root=PATH/tiny-imagenet-200-32px.zip --threads 1 --output
+    src/duallora/weights/vit_tiny_patch4_32_tinyimagenet100.safetensors
+
+    A --recipe vit run keeps a checkpoint after every epoch beside its output and continues from it
+    when started again with the same recipe.
+    """
+    if recipe == "mnist":
+        if settings:
+            _fail(f"--recipe mnist takes no KEY=VALUE settings (got {' '.join(settings)}); use --recipe vit")
+        from duallora.pretrain import pretrain as do_pretrain
+
+        out = output or Path("runs/pretrain/vit_tiny_patch7_28_mnist.safetensors")
+        record = do_pretrain(out, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                             train_per_class=train_per_class, threads=threads)
+    elif recipe == "vit":
+        from duallora.pretraining import pretrain_vit, recipe_from_settings
+
+        spec = recipe_from_settings(list(settings or []))
+        out = output or Path("runs/pretrain") / f"{spec.name.replace('.', '_')}.safetensors"
+        record = pretrain_vit(spec, out, device=device, precision=precision, threads=threads)
+    else:
+        _fail(f"--recipe {recipe!r}: choose mnist or vit")
     typer.echo(json.dumps(record, indent=2))
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """duallora's own warnings as one ``warning: ...`` line on stderr; others as Python shows them."""
+    if issubclass(category, DualLoRAWarning):
+        print(f"warning: {message}", file=file if file is not None else sys.stderr, flush=True)
+    else:
+        _python_show_warning(message, category, filename, lineno, file, line)
+
+
+_python_show_warning = warnings.showwarning
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point of the ``duallora`` script."""
-    app(args=argv if argv is not None else sys.argv[1:], prog_name="duallora")
+    warnings.showwarning = _show_warning
+    try:
+        app(args=argv if argv is not None else sys.argv[1:], prog_name="duallora")
+    finally:
+        warnings.showwarning = _python_show_warning
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,6 +4,12 @@ The schema is a tree of dataclasses validated by OmegaConf: an unknown key, a va
 or a value outside its allowed set is a :class:`~duallora.errors.ConfigError`, never silently dropped
 (field-lessons.md, lesson 7). Keys that the chosen method does not use must keep their defaults;
 setting one is an error too (see :func:`check_method_keys`).
+
+The ``method`` section is derived from the method registry (:mod:`duallora.methods.registry`):
+:data:`MethodConfig` has ``name`` plus every option a registered method declares, ``CHOICES`` holds
+the registered names and each option's choices, :data:`METHOD_KEYS` which method reads which key, and
+each option's own check and the chosen method's ``validate_config`` run in :func:`validate`. All of
+it is rebuilt whenever a method is registered, so no other file lists methods.
 """
 
 from __future__ import annotations
@@ -18,7 +24,12 @@ from typing import Any, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf  # noqa: F401
 from omegaconf.errors import OmegaConfBaseException
 
+from duallora.data import registry as data_registry
 from duallora.errors import ConfigError
+from duallora.methods import registry as method_registry
+from duallora.methods.options import ADAPTABLE_MODULES, Option
+
+__all__ = ["ADAPTABLE_MODULES"]  # re-exported from duallora.methods.options
 
 DEFAULT_BACKBONE = "vit_tiny_patch7_28.duallora_mnist"
 
@@ -27,8 +38,10 @@ DEFAULT_BACKBONE = "vit_tiny_patch7_28.duallora_mnist"
 class DataConfig:
     """Which data and how it is cut into tasks (class-incremental)."""
 
-    dataset: str = "fashion-mnist"  #: mnist | fashion-mnist | imagefolder | cifar100 | imagenet-r | imagenet-a | domainnet | cub200
-    root: Optional[str] = None  #: local data folder; None = the dataset's default local files
+    #: a registered data source (duallora.data.registry): mnist | fashion-mnist | imagefolder | cifar100 |
+    #: imagenet-r | imagenet-a | domainnet | cub200 | tiny-imagenet
+    dataset: str = "fashion-mnist"
+    root: Optional[str] = None  #: local data folder (or archive); None = the dataset's default local files
     num_tasks: Optional[int] = 5  #: number of tasks (classes split evenly)
     classes_per_task: Optional[int] = None  #: alternative to num_tasks
     class_order: Optional[list[int]] = None  #: explicit class order (dataset label ids); else seeded shuffle
@@ -36,14 +49,30 @@ class DataConfig:
     train_per_class: Optional[int] = None  #: cap on training images per class (seeded), for quick runs
     test_per_class: Optional[int] = None  #: cap on test images per class (seeded)
     test_fraction: float = 0.2  #: imagefolder without train/test folders: held-out share per class
+    #: only these classes: a list of class names or ids as the dataset labels them (tiny-imagenet: WordNet
+    #: ids) or label ids, or a named list (tiny-imagenet-continual | tiny-imagenet-pretrain); label ids
+    #: become 0..len-1 in its order; None = all
+    classes: Any = None
+    #: per class, this share of the training images (seeded, before train_per_class) is a validation
+    #: split, never trained on; 0 = none
+    validation_fraction: float = 0.0
+    #: test | validation: the split evaluated after each task (validation needs validation_fraction > 0)
+    evaluate_on: str = "test"
     num_workers: int = 0  #: DataLoader worker processes
-    split_train: Any = None  #: imagenet-r | imagenet-a | domainnet: split list file(s) of the training images (str or list; YAML data/targets or "path label" lines)
+    #: imagenet-r | imagenet-a | domainnet: split list file(s) of the training images (str or list; YAML
+    #: data/targets or "path label" lines)
+    split_train: Any = None
     split_test: Any = None  #: the test images' split list file(s); give both or neither
-    split_sha256: Any = None  #: expected sha256 of each split file read (str or list, in the record's split.files order); mismatch = error
-    augment: bool = False  #: training augmentation: random resized crop + horizontal flip (train split only; output stays uint8)
-    crop_pct: Optional[float] = None  #: benchmarks: evaluation centre-crop fraction; None = the backbone's timm config (1.0 for the shipped one)
-    check_images: bool = True  #: imagefolder and the file-based benchmarks: check every image file (non-empty, header readable by PIL) when loading, before training; false = skip
-
+    #: expected sha256 of each split file read (str or list, in the record's split.files order; for
+    #: tiny-imagenet the archive); mismatch = error
+    split_sha256: Any = None
+    #: training augmentation: random resized crop + horizontal flip (train split only; output stays uint8)
+    augment: bool = False
+    #: benchmarks: evaluation centre-crop fraction; None = the backbone's timm config (1.0 for the shipped one)
+    crop_pct: Optional[float] = None
+    #: imagefolder and the file-based benchmarks: check every image file (non-empty, header readable by
+    #: PIL) when loading, before training; false = skip
+    check_images: bool = True
 
 
 @dataclass
@@ -54,33 +83,43 @@ class BackboneConfig:
     weights: Optional[str] = None  #: local .safetensors/.pth file with the weights (no download then)
 
 
-@dataclass
-class MethodConfig:
-    """The continual-learning method and its options (method.md)."""
+#: ``method.name`` when none is given.
+DEFAULT_METHOD = "duallora"
 
-    name: str = "duallora"  #: duallora | frozen | seq-lora | inflora | sd-lora | l2p | simplecil | fecam | joint
-    adapted_modules: list[str] = field(default_factory=lambda: ["qkv"])  #: qkv | proj | fc1 | fc2
-    rank_orthogonal: int = 10  #: r_o, rank of the orthogonal adapter (also the LoRA rank of seq-lora, inflora, sd-lora, joint)
-    rank_residual: int = 10  #: r_r, rank of each task's residual adapter (capped by memory dim)
-    use_orthogonal: bool = True  #: ablation switch: train the orthogonal adapter
-    use_residual: bool = True  #: ablation switch: train residual adapters (t >= 2)
-    energy_threshold_start: float = 0.95  #: eps_1 of the GPM energy criterion
-    energy_threshold_end: float = 0.99  #: eps_T; eps_t rises linearly in between
-    stat_tokens: str = "all"  #: all | cls: tokens that feed the memory's Gram matrices
-    stat_images: Optional[int] = 2000  #: images per task seen by the statistics passes (a seeded random subset); None = all
-    gate: str = "shared"  #: shared | soft | hard: dynamic-memory gate type
-    gate_layer: int = 2  #: gate=shared: gate from the mean tokens entering blocks 0..gate_layer; residual adapters in blocks >= gate_layer
-    task_id_features: str = "auto"  #: auto | gate | final: task posterior used for calibration (auto: gate when gate=shared, else final)
-    task_id_score: str = "mahalanobis"  #: mahalanobis | cosine | subspace
-    subspace_dims: int = 32  #: q, directions per task for task_id_score=subspace
-    tau_id: float = 0.02  #: temperature of the task posterior (on squared distances per dimension)
-    ridge: float = 1e-4  #: ridge added to the pooled covariance, relative to its mean eigenvalue
-    calibration: str = "product"  #: none | product | hard
-    confidence_threshold: float = 0.9  #: gamma for calibration=hard
-    prompt_pool: int = 10  #: l2p: prompts (and keys) in the pool
-    prompt_length: int = 5  #: l2p: tokens per prompt
-    prompt_top_k: int = 5  #: l2p: prompts chosen per image (top-N by key cosine similarity)
-    prompt_key_weight: float = 0.1  #: l2p: weight of the surrogate key-matching loss
+#: The method section (built by :func:`_build_method_config`; rebuilt when the registry changes).
+MethodConfig: type
+
+
+def _build_method_config(options: dict[str, Option]) -> type:
+    """The ``MethodConfig`` dataclass: ``name`` and one field per option, in registry order.
+
+    Classes are cached by the options' signatures, so unregistering a method registered for a while
+    (a test's) gives back the very class from before, and configs made before and after compare equal.
+    """
+    key = tuple((k, opt.signature()) for k, opt in options.items())
+    if key in _METHOD_CONFIG_CLASSES:
+        return _METHOD_CONFIG_CLASSES[key]
+    fields: list[tuple[str, Any, Any]] = [("name", str, field(default=DEFAULT_METHOD))]
+    fields += [(k, opt.type, opt.field()) for k, opt in options.items()]
+    cls = dataclasses.make_dataclass("MethodConfig", fields)
+    cls.__module__, cls.__qualname__ = __name__, "MethodConfig"  # pickles as duallora.config.MethodConfig
+    readers = {k: [n for n in method_registry.method_names() if k in method_registry.method_options(n)]
+               for k in options}
+    lines = [f"    name: the method: {' | '.join(method_registry.method_names())} (default {DEFAULT_METHOD})."]
+    lines += [f"    {k}: {opt.help} (default {opt.default!r}; read by {', '.join(readers[k])})."
+              for k, opt in options.items()]
+    cls.__doc__ = ("The continual-learning method and its options (method.md), derived from the methods' "
+                   "declarations (duallora.methods).\n\nAttributes:\n" + "\n".join(lines) + "\n")
+    _METHOD_CONFIG_CLASSES[key] = cls
+    return cls
+
+
+_METHOD_CONFIG_CLASSES: dict[tuple, type] = {}
+
+
+def _default_method_config() -> Any:
+    """A default method section of the current :data:`MethodConfig`."""
+    return MethodConfig()
 
 
 @dataclass
@@ -89,8 +128,10 @@ class TrainConfig:
 
     epochs: int = 2  #: least epochs per task (raised to reach min_steps)
     batch_size: int = 128  #: images per step (capped by max_batch_fraction on small tasks)
-    min_steps: int = 100  #: least optimizer steps per task: epochs = max(epochs, ceil(min_steps / steps per epoch)); 0 = off
-    max_batch_fraction: Optional[float] = 0.25  #: batch <= max(8, this share of the task's training images), in equal batches; None = no cap
+    #: least optimizer steps per task: epochs = max(epochs, ceil(min_steps / steps per epoch)); 0 = off
+    min_steps: int = 100
+    #: batch <= max(8, this share of the task's training images), in equal batches; None = no cap
+    max_batch_fraction: Optional[float] = 0.25
     optimizer: str = "adam"  #: adam | adamw | sgd
     lr: float = 5e-4
     head_lr: Optional[float] = None  #: learning rate of the task heads; None = lr
@@ -101,7 +142,8 @@ class TrainConfig:
     device: str = "auto"  #: auto | cpu | cuda | cuda:N | mps
     threads: Optional[int] = None  #: torch CPU threads; None = torch default
     progress: bool = True  #: show progress bars
-    precision: str = "fp32"  #: fp32 | bf16 | fp16 (autocast for training, statistics passes and inference; fp16 on CUDA only)
+    #: fp32 | bf16 | fp16 (autocast for training, statistics passes and inference; fp16 on CUDA only)
+    precision: str = "fp32"
     compile: bool = False  #: torch.compile the training forward (GPU runs; slow to start on a CPU)
     tensorboard: bool = False  #: write TensorBoard logs to <run>/tensorboard/ (pip install duallora[tensorboard])
 
@@ -113,39 +155,51 @@ class RunConfig:
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
+    method: MethodConfig = field(default_factory=_default_method_config)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+#: Allowed values per dotted key; the ``method.*`` entries (the registered names, each option's
+#: choices) are derived from the registry and come first.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "method.name": ("duallora", "frozen", "seq-lora", "inflora", "sd-lora", "l2p", "simplecil", "fecam", "joint"),
-    "method.stat_tokens": ("all", "cls"),
-    "method.gate": ("shared", "soft", "hard"),
-    "method.task_id_features": ("auto", "gate", "final"),
-    "method.task_id_score": ("mahalanobis", "cosine", "subspace"),
-    "method.calibration": ("none", "product", "hard"),
     "train.optimizer": ("adam", "adamw", "sgd"),
     "train.scheduler": ("cosine", "constant"),
     "train.precision": ("fp32", "bf16", "fp16"),
 }
-ADAPTABLE_MODULES = ("qkv", "proj", "fc1", "fc2")
+#: Method keys each method reads (its declared ``options``); a non-default value of any other method
+#: key is an error. Derived from the registry.
+METHOD_KEYS: dict[str, set[str]] = {}
 
-#: Keys of the l2p prompt pool (duallora does not read them).
-L2P_KEYS = {"prompt_pool", "prompt_length", "prompt_top_k", "prompt_key_weight"}
 
-#: Method keys each method reads; a non-default value of any other method key is an error.
-METHOD_KEYS: dict[str, set[str]] = {
-    "duallora": {f.name for f in dataclasses.fields(MethodConfig)} - {"name"} - L2P_KEYS,
-    "frozen": set(),
-    "seq-lora": {"adapted_modules", "rank_orthogonal"},
-    # baselines (duallora.baselines)
-    "inflora": {"adapted_modules", "rank_orthogonal", "energy_threshold_start", "energy_threshold_end", "stat_images"},
-    "sd-lora": {"adapted_modules", "rank_orthogonal"},
-    "l2p": set(L2P_KEYS),
-    "simplecil": {"tau_id"},
-    "fecam": {"tau_id", "ridge"},
-    "joint": {"adapted_modules", "rank_orthogonal"},
-}
+def _derive_method_schema() -> None:
+    """(Re)build :data:`MethodConfig`, the ``method.*`` entries of :data:`CHOICES` and
+    :data:`METHOD_KEYS` from the registry (in place for the dicts, so imported references stay live)."""
+    global MethodConfig
+    options = method_registry.all_options()
+    MethodConfig = _build_method_config(options)
+    rest = {k: v for k, v in CHOICES.items() if not k.startswith("method.")}
+    CHOICES.clear()
+    CHOICES["method.name"] = method_registry.method_names()
+    CHOICES.update({f"method.{k}": opt.choices for k, opt in options.items() if opt.choices})
+    CHOICES.update(rest)
+    METHOD_KEYS.clear()
+    METHOD_KEYS.update({n: set(method_registry.method_options(n)) for n in method_registry.method_names()})
+
+
+_derive_method_schema()
+method_registry.add_listener(_derive_method_schema)
+
+
+def validate_method(method: Any) -> None:
+    """Check the method section: every registered option's own check (whatever the chosen method,
+    like any schema range check), then the chosen method's ``validate_config``.
+
+    Raises:
+        ConfigError: naming the key, the bad value and what is allowed.
+    """
+    for key, opt in method_registry.all_options().items():
+        opt.validate(key, method)
+    method_registry.get_method(method.name).validate_config(method)
 
 
 def _get(cfg: RunConfig, dotted: str) -> Any:
@@ -226,33 +280,18 @@ def validate(cfg: RunConfig) -> RunConfig:
         value = _get(cfg, key)
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not supported; choose one of {', '.join(allowed)}")
-    from duallora.data.datasets import DATASETS
-
-    if cfg.data.dataset not in DATASETS:
-        raise ConfigError(f"data.dataset={cfg.data.dataset!r} is not supported; choose one of {', '.join(DATASETS)}")
-    for mod in cfg.method.adapted_modules:
-        if mod not in ADAPTABLE_MODULES:
-            raise ConfigError(
-                f"method.adapted_modules contains {mod!r}; allowed: {', '.join(ADAPTABLE_MODULES)}"
-            )
-    if not cfg.method.adapted_modules and cfg.method.name != "frozen":
-        raise ConfigError("method.adapted_modules is empty; name at least one of qkv, proj, fc1, fc2")
+    if cfg.data.dataset not in data_registry.source_names():
+        raise ConfigError(f"data.dataset={cfg.data.dataset!r} is not supported; choose one of "
+                          f"{', '.join(data_registry.source_names())}")
+    validate_method(cfg.method)
     positive = {
         "train.epochs": cfg.train.epochs,
         "train.batch_size": cfg.train.batch_size,
         "train.eval_batch_size": cfg.train.eval_batch_size,
-        "method.rank_orthogonal": cfg.method.rank_orthogonal,
-        "method.rank_residual": cfg.method.rank_residual,
-        "method.subspace_dims": cfg.method.subspace_dims,
-        "method.prompt_pool": cfg.method.prompt_pool,
-        "method.prompt_length": cfg.method.prompt_length,
-        "method.prompt_top_k": cfg.method.prompt_top_k,
     }
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}={value} must be a positive integer")
-    if cfg.method.stat_images is not None and cfg.method.stat_images < 1:
-        raise ConfigError(f"method.stat_images={cfg.method.stat_images} must be a positive integer or null (all images)")
     if cfg.train.min_steps < 0:
         raise ConfigError(f"train.min_steps={cfg.train.min_steps} must be >= 0 (0 = train exactly train.epochs)")
     fraction = cfg.train.max_batch_fraction
@@ -261,21 +300,6 @@ def validate(cfg: RunConfig) -> RunConfig:
                           "(share of a task's training images per batch), or be null for no cap")
     if cfg.train.lr <= 0 or (cfg.train.head_lr is not None and cfg.train.head_lr <= 0):
         raise ConfigError("train.lr and train.head_lr must be > 0")
-    if cfg.method.task_id_features == "gate" and cfg.method.gate != "shared":
-        raise ConfigError("method.task_id_features=gate needs method.gate=shared; use task_id_features=final or auto")
-    if cfg.method.tau_id <= 0:
-        raise ConfigError(f"method.tau_id={cfg.method.tau_id} must be > 0")
-    for key in ("energy_threshold_start", "energy_threshold_end"):
-        value = getattr(cfg.method, key)
-        if not 0.0 < value <= 1.0:
-            raise ConfigError(f"method.{key}={value} must lie in (0, 1]")
-    if not 0.0 <= cfg.method.confidence_threshold <= 1.0:
-        raise ConfigError("method.confidence_threshold must lie in [0, 1]")
-    if cfg.method.prompt_top_k > cfg.method.prompt_pool:
-        raise ConfigError(f"method.prompt_top_k={cfg.method.prompt_top_k} must not exceed "
-                          f"method.prompt_pool={cfg.method.prompt_pool}")
-    if cfg.method.prompt_key_weight < 0:
-        raise ConfigError(f"method.prompt_key_weight={cfg.method.prompt_key_weight} must be >= 0")
     if cfg.data.num_tasks is None and cfg.data.classes_per_task is None:
         raise ConfigError("set data.num_tasks or data.classes_per_task")
     if cfg.data.num_tasks is not None and cfg.data.num_tasks < 1:
@@ -289,6 +313,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     if not 0.0 < cfg.data.test_fraction < 1.0:
         raise ConfigError(f"data.test_fraction={cfg.data.test_fraction} must lie in (0, 1)")
     validate_data_split(cfg)
+    validate_data_selection(cfg)
     check_method_keys(cfg)
     return cfg
 
@@ -305,43 +330,85 @@ def _str_list(key: str, value: Any) -> list[str]:
     return list(items)
 
 
+def _sources_with(flag: str) -> list[str]:
+    """The registered data sources whose capability ``flag`` is set (:class:`~duallora.data.registry.DataSource`)."""
+    return [n for n in data_registry.source_names() if getattr(data_registry.get_source(n), flag)]
+
+
 def validate_data_split(cfg: RunConfig) -> None:
-    """Check the benchmark keys: split lists, their sha256, crop_pct.
+    """Check the split keys against the chosen data source's capabilities: split lists, their sha256, crop_pct.
 
     Raises:
         ConfigError: a malformed value, or a key the chosen dataset does not use.
     """
     import re
 
-    from duallora.data.benchmarks import BENCHMARK_DATASETS, SPLIT_FILE_DATASETS
-
     d = cfg.data
+    source = data_registry.get_source(d.dataset)
     train = _str_list("split_train", d.split_train)
     test = _str_list("split_test", d.split_test)
     hashes = _str_list("split_sha256", d.split_sha256)
-    if (train or test) and d.dataset not in SPLIT_FILE_DATASETS:
+    if (train or test) and not source.split_lists:
         raise ConfigError(
             f"data.split_train/split_test are set but data.dataset={d.dataset!r} does not use split lists "
-            f"(only {', '.join(SPLIT_FILE_DATASETS)}); remove them"
+            f"(only {', '.join(_sources_with('split_lists'))}); remove them"
         )
     if bool(train) != bool(test):
         raise ConfigError("give both data.split_train and data.split_test, or neither")
-    if hashes and d.dataset not in BENCHMARK_DATASETS:
+    if hashes and not source.split_files:
         raise ConfigError(
             f"data.split_sha256 is set but data.dataset={d.dataset!r} reads no split files "
-            f"(only {', '.join(BENCHMARK_DATASETS)}); remove it"
+            f"(only {', '.join(_sources_with('split_files'))}); remove it"
         )
     for h in hashes:
         if not re.fullmatch(r"[0-9a-fA-F]{64}", h):
             raise ConfigError(f"data.split_sha256 entry {h!r} is not a sha256 (64 hex digits)")
     if d.crop_pct is not None:
-        if d.dataset not in BENCHMARK_DATASETS:
+        if not source.benchmark:
             raise ConfigError(
                 f"data.crop_pct is set but data.dataset={d.dataset!r} resizes without cropping "
-                f"(crop_pct is for {', '.join(BENCHMARK_DATASETS)}); remove it"
+                f"(crop_pct is for {', '.join(_sources_with('benchmark'))}); remove it"
             )
         if not 0.0 < d.crop_pct <= 1.0:
             raise ConfigError(f"data.crop_pct={d.crop_pct} must lie in (0, 1]")
+
+
+def validate_data_selection(cfg: RunConfig) -> None:
+    """Check ``data.classes``, ``data.validation_fraction`` and ``data.evaluate_on``.
+
+    Whether the listed classes exist is checked when the data is loaded (a DataError naming them).
+
+    Raises:
+        ConfigError: a malformed class list, an unknown list name, a class listed twice, a fraction
+            outside [0, 1), or ``evaluate_on=validation`` without a validation split.
+    """
+    d = cfg.data
+    named = data_registry.class_list_names()
+    if isinstance(d.classes, str):
+        if d.classes not in named:
+            raise ConfigError(
+                f"data.classes={d.classes!r} is not a named class list (choose one of {', '.join(named)}); "
+                f"to name classes give a list, e.g. data.classes=[{d.classes}]"
+            )
+    elif d.classes is not None:
+        entries = d.classes if isinstance(d.classes, (list, tuple)) else None
+        if not entries or not all((isinstance(e, str) and e) or (type(e) is int and e >= 0) for e in entries):
+            raise ConfigError(
+                f"data.classes={d.classes!r} must be a non-empty list of class names or ids (strings) or label ids "
+                f"(integers >= 0), a named list ({', '.join(named)}), or null for every class"
+            )
+        twice = sorted({repr(e) for e in entries if entries.count(e) > 1})
+        if twice:
+            raise ConfigError(f"data.classes lists {', '.join(twice)} more than once (a class twice); "
+                              "list each class once")
+    if not 0.0 <= d.validation_fraction < 1.0:
+        raise ConfigError(f"data.validation_fraction={d.validation_fraction} must lie in [0, 1) "
+                          "(share of each class's training images held out; 0 = no validation split)")
+    if d.evaluate_on not in ("test", "validation"):
+        raise ConfigError(f"data.evaluate_on={d.evaluate_on!r} is not supported; choose one of test, validation")
+    if d.evaluate_on == "validation" and d.validation_fraction == 0.0:
+        raise ConfigError("data.evaluate_on=validation needs a validation split: set data.validation_fraction "
+                          "(e.g. 0.1, the share of each class's training images held out)")
 
 
 def check_method_keys(cfg: RunConfig) -> None:
@@ -389,14 +456,15 @@ def missing_keys(path: str | Path) -> list[str]:
         raise ConfigError(f"cannot parse config file {str(path)!r}: {exc}") from exc
     raw = raw if isinstance(raw, dict) else {}
     out = []
+    hints = typing.get_type_hints(RunConfig)  # the current MethodConfig for the method section
     for f in dataclasses.fields(RunConfig):
-        factory = f.default_factory
-        if factory is dataclasses.MISSING or not dataclasses.is_dataclass(factory):  # a plain key (seed)
+        section_type = hints[f.name]
+        if not dataclasses.is_dataclass(section_type):  # a plain key (seed)
             if f.name not in raw:
                 out.append(f.name)
             continue
         section = raw.get(f.name) if isinstance(raw.get(f.name), dict) else {}
-        out += [f"{f.name}.{g.name}" for g in dataclasses.fields(factory) if g.name not in section]
+        out += [f"{f.name}.{g.name}" for g in dataclasses.fields(section_type) if g.name not in section]
     return out
 
 

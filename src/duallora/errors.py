@@ -7,6 +7,11 @@ message and exit code 2 instead of a traceback. Messages name the cause and the 
 from __future__ import annotations
 
 
+class DualLoRAWarning(UserWarning):
+    """Base class of duallora's warnings (a run goes on, but something deserves a look); the CLI
+    prints them as one line ``warning: ...`` without the Python source location."""
+
+
 class DualLoRAError(Exception):
     """Base class of every user-facing duallora error (bad config, data, backbone, training)."""
 

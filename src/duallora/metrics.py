@@ -145,33 +145,9 @@ def compute_metrics(
     arr = validate_accuracy_matrix(R)
     T = arr.shape[0]
     sizes = _check_task_sizes(task_sizes, T)
-    if task_id_accuracy is not None:
-        if isinstance(task_id_accuracy, bool) or not isinstance(task_id_accuracy, Real):
-            raise ValueError(f"task_id_accuracy must be a number in percent or None, got {task_id_accuracy!r}")
-        task_id_accuracy = float(task_id_accuracy)
-        if not (math.isfinite(task_id_accuracy) and 0.0 <= task_id_accuracy <= 100.0):
-            raise ValueError(f"task_id_accuracy = {task_id_accuracy} must be a finite percentage in [0, 100]")
-
-    acc_weighted: list[float] = []
-    acc_task_mean: list[float] = []
-    for t in range(T):
-        row = [float(arr[t, i]) for i in range(t + 1)]
-        weights = sizes[: t + 1]
-        acc_weighted.append(sum(a * n for a, n in zip(row, weights)) / sum(weights))
-        acc_task_mean.append(sum(row) / (t + 1))
-
-    forgetting: Optional[float]
-    backward_transfer: Optional[float]
-    if T == 1:
-        forgetting = None
-        backward_transfer = None
-    else:
-        last = T - 1
-        drops = [max(float(arr[t, i]) for t in range(i, last)) - float(arr[last, i]) for i in range(last)]
-        forgetting = sum(drops) / last
-        transfers = [float(arr[last, i]) - float(arr[i, i]) for i in range(last)]
-        backward_transfer = sum(transfers) / last
-
+    task_id_accuracy = _check_task_id_accuracy(task_id_accuracy)
+    acc_weighted, acc_task_mean = _accuracy_after_each_task(arr, sizes)
+    forgetting, backward_transfer = _forgetting_and_backward_transfer(arr)
     return {
         "final_accuracy": acc_weighted[-1],
         "final_accuracy_task_mean": acc_task_mean[-1],
@@ -182,6 +158,42 @@ def compute_metrics(
         "accuracy_after_task": acc_weighted,
         "accuracy_after_task_task_mean": acc_task_mean,
     }
+
+
+def _check_task_id_accuracy(value: Optional[float]) -> Optional[float]:
+    """``value`` as a Python float after checking it is a finite percentage; None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise ValueError(f"task_id_accuracy must be a number in percent or None, got {value!r}")
+    value = float(value)
+    if not (math.isfinite(value) and 0.0 <= value <= 100.0):
+        raise ValueError(f"task_id_accuracy = {value} must be a finite percentage in [0, 100]")
+    return value
+
+
+def _accuracy_after_each_task(arr: np.ndarray, sizes: list[int]) -> tuple[list[float], list[float]]:
+    """Per task ``t``: the sample-weighted and the task-averaged accuracy over tasks ``0..t`` after ``t``."""
+    acc_weighted: list[float] = []
+    acc_task_mean: list[float] = []
+    for t in range(arr.shape[0]):
+        row = [float(arr[t, i]) for i in range(t + 1)]
+        weights = sizes[: t + 1]
+        acc_weighted.append(sum(a * n for a, n in zip(row, weights)) / sum(weights))
+        acc_task_mean.append(sum(row) / (t + 1))
+    return acc_weighted, acc_task_mean
+
+
+def _forgetting_and_backward_transfer(arr: np.ndarray) -> tuple[Optional[float], Optional[float]]:
+    """Average forgetting and backward transfer over the old tasks (see :func:`compute_metrics`);
+    ``(None, None)`` for one task."""
+    T = arr.shape[0]
+    if T == 1:
+        return None, None
+    last = T - 1
+    drops = [max(float(arr[t, i]) for t in range(i, last)) - float(arr[last, i]) for i in range(last)]
+    transfers = [float(arr[last, i]) - float(arr[i, i]) for i in range(last)]
+    return sum(drops) / last, sum(transfers) / last
 
 
 def accuracy_row(correct_per_task: Sequence[int], totals: Sequence[int]) -> list[float]:

@@ -150,12 +150,6 @@ def pretrain(
         DataError: MNIST files not found (see :func:`duallora.data.load_dataset`).
         TrainingError: a non-finite loss, or epochs/batch_size/lr out of range.
     """
-    import timm
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
-
-    from duallora.data.datasets import load_dataset
-
     if epochs < 1 or batch_size < 1 or not lr > 0:
         raise TrainingError(f"epochs={epochs}, batch_size={batch_size} must be >= 1 and lr={lr} > 0")
     output = Path(output)
@@ -164,16 +158,50 @@ def pretrain(
         torch.set_num_threads(int(threads))
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-
-    train_ds = load_dataset("mnist", "train", image_size=(28, 28), channels=1)
-    test_ds = load_dataset("mnist", "test", image_size=(28, 28), channels=1)
-    x_train, y_train = _subset(train_ds, train_per_class, seed)
-    x_test, y_test = _subset(test_ds, test_per_class, seed + 1)
+    (x_train, y_train), (x_test, y_test) = _load_mnist(train_per_class, test_per_class, seed)
 
     model = _Classifier(backbones.build_shipped_architecture())
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
     steps_per_epoch = math.ceil(x_train.shape[0] / batch_size)
-    total = epochs * steps_per_epoch
+    sched = _warmup_cosine(opt, epochs * steps_per_epoch)
+    last_loss = float("nan")
+    for epoch in range(epochs):
+        last_loss = _train_epoch(model, opt, sched, x_train, y_train, gen, batch_size=batch_size, epoch=epoch,
+                                 epochs=epochs, progress=progress)
+        if progress:
+            print(f"pretrain epoch {epoch + 1}/{epochs}: train loss {last_loss:.4f}", flush=True)
+
+    state16, acc = _float16_weights_and_accuracy(model, x_test, y_test)
+    _save_weights(output, state16)
+    full = train_per_class is None and test_per_class is None
+    record = _record(output, full=full, train_images=int(x_train.shape[0]), test_images=int(x_test.shape[0]),
+                     epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, last_loss=last_loss, acc=acc,
+                     start=start)
+    json_path = output.with_suffix(".json")
+    _atomic_write_bytes(json_path, lambda p: p.write_text(json.dumps(record, indent=2) + "\n"))
+    if progress:
+        print(f"pretrain: test accuracy {acc:.2f}% -> {output} (sha256 {record['sha256'][:12]}...)")
+    return record
+
+
+def _load_mnist(train_per_class: Optional[int], test_per_class: Optional[int],
+                seed: int) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """MNIST train and test images ``(N, 1, 28, 28)`` uint8 and targets, each capped per class
+    (:func:`_subset`, seeded with ``seed`` and ``seed + 1``).
+
+    Raises:
+        DataError: MNIST files not found.
+    """
+    from duallora.data.datasets import load_dataset
+
+    train_ds = load_dataset("mnist", "train", image_size=(28, 28), channels=1)
+    test_ds = load_dataset("mnist", "test", image_size=(28, 28), channels=1)
+    return _subset(train_ds, train_per_class, seed), _subset(test_ds, test_per_class, seed + 1)
+
+
+def _warmup_cosine(opt: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step schedule over ``total`` steps: linear warm-up over the first :data:`WARMUP_FRACTION`,
+    then cosine decay to 0."""
     warmup = max(1, int(WARMUP_FRACTION * total))
 
     def schedule(step: int) -> float:
@@ -181,52 +209,77 @@ def pretrain(
             return (step + 1) / warmup
         return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    last_loss = float("nan")
-    for epoch in range(epochs):
-        model.train()
-        perm = torch.randperm(x_train.shape[0], generator=gen)
-        bar = tqdm(
-            range(steps_per_epoch), desc=f"pretrain epoch {epoch + 1}/{epochs}", disable=not progress,
-            leave=False,
-        )
-        running = 0.0
-        for i in bar:
-            idx = perm[i * batch_size : (i + 1) * batch_size]
-            x = random_translate(x_train[idx], MAX_SHIFT, gen)
-            loss = F.cross_entropy(model(_normalise(x)), y_train[idx])
-            if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"pretraining loss became {loss.item()} at epoch {epoch + 1}, step {i}; "
-                    "lower --lr"
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            running = 0.98 * running + 0.02 * loss.item() if i else loss.item()
-            if i % 20 == 0:
-                bar.set_postfix(loss=f"{running:.4f}")
-        last_loss = running
-        if progress:
-            print(f"pretrain epoch {epoch + 1}/{epochs}: train loss {running:.4f}", flush=True)
+    return torch.optim.lr_scheduler.LambdaLR(opt, schedule)
 
-    # Evaluate exactly the weights that are shipped: the backbone rounded to float16.
+
+def _train_epoch(model: nn.Module, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LambdaLR,
+                 x_train: torch.Tensor, y_train: torch.Tensor, gen: torch.Generator, *, batch_size: int,
+                 epoch: int, epochs: int, progress: bool) -> float:
+    """One epoch over the shuffled training images (random shifts, cross-entropy, one scheduler step per
+    batch); returns the running (exponentially smoothed) training loss at its end.
+
+    Raises:
+        TrainingError: a non-finite loss.
+    """
+    from tqdm.auto import tqdm
+
+    model.train()
+    steps_per_epoch = math.ceil(x_train.shape[0] / batch_size)
+    perm = torch.randperm(x_train.shape[0], generator=gen)
+    bar = tqdm(
+        range(steps_per_epoch), desc=f"pretrain epoch {epoch + 1}/{epochs}", disable=not progress,
+        leave=False,
+    )
+    running = 0.0
+    for i in bar:
+        idx = perm[i * batch_size : (i + 1) * batch_size]
+        x = random_translate(x_train[idx], MAX_SHIFT, gen)
+        loss = F.cross_entropy(model(_normalise(x)), y_train[idx])
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"pretraining loss became {loss.item()} at epoch {epoch + 1}, step {i}; "
+                "lower --lr"
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        running = 0.98 * running + 0.02 * loss.item() if i else loss.item()
+        if i % 20 == 0:
+            bar.set_postfix(loss=f"{running:.4f}")
+    return running
+
+
+def _float16_weights_and_accuracy(model: _Classifier, x_test: torch.Tensor,
+                                  y_test: torch.Tensor) -> tuple[dict[str, torch.Tensor], float]:
+    """The backbone's state dict in float16 and the test accuracy of exactly those (shipped) weights:
+    the model's backbone is loaded with them rounded back to float32."""
     state16 = {k: v.detach().to(torch.float16).contiguous() for k, v in model.backbone.state_dict().items()}
     model.backbone.load_state_dict({k: v.float() for k, v in state16.items()})
-    acc = _accuracy(model, x_test, y_test)
+    return state16, _accuracy(model, x_test, y_test)
+
+
+def _save_weights(output: Path, state16: dict[str, torch.Tensor]) -> None:
+    """Write the float16 state dict as ``.safetensors`` (named in its metadata), atomically."""
+    from safetensors.torch import save_file
 
     output.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write_bytes(
         output, lambda p: save_file(state16, str(p), metadata={"name": backbones.SHIPPED_NAME})
     )
-    full = train_per_class is None and test_per_class is None
-    record: dict[str, Any] = {
+
+
+def _record(output: Path, *, full: bool, train_images: int, test_images: int, epochs: int, batch_size: int,
+            lr: float, seed: int, last_loss: float, acc: float, start: float) -> dict[str, Any]:
+    """The ``.json`` record of the written weights (see :func:`pretrain`'s Returns)."""
+    import timm
+
+    return {
         "name": backbones.SHIPPED_NAME,
         "architecture": dict(backbones.SHIPPED_ARCH),
         "data": "MNIST train 60k / test 10k"
         if full
-        else f"MNIST subset: train {x_train.shape[0]} / test {x_test.shape[0]}",
+        else f"MNIST subset: train {train_images} / test {test_images}",
         "epochs": epochs,
         "batch_size": batch_size,
         "lr": lr,
@@ -234,8 +287,8 @@ def pretrain(
         "warmup_fraction": WARMUP_FRACTION,
         "max_shift": MAX_SHIFT,
         "seed": seed,
-        "train_images": int(x_train.shape[0]),
-        "test_images": int(x_test.shape[0]),
+        "train_images": train_images,
+        "test_images": test_images,
         "final_train_loss": round(last_loss, 5),
         "test_accuracy": round(acc, 2),
         "sha256": backbones.file_sha256(output),
@@ -245,8 +298,3 @@ def pretrain(
         "wall_time_s": round(time.time() - start, 1),
         "dtype": "float16",
     }
-    json_path = output.with_suffix(".json")
-    _atomic_write_bytes(json_path, lambda p: p.write_text(json.dumps(record, indent=2) + "\n"))
-    if progress:
-        print(f"pretrain: test accuracy {acc:.2f}% -> {output} (sha256 {record['sha256'][:12]}...)")
-    return record

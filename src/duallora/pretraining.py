@@ -70,14 +70,14 @@ class PretrainRecipe:
     depth: int = 6
     num_heads: int = 3
     mlp_ratio: float = 4.0
-    epochs: int = 16
+    epochs: int = 15
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
     drop_path: float = 0.1
-    crop_scale: tuple[float, float] = (0.35, 1.0)
+    crop_scale: tuple[float, float] = (0.5, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip: bool = True
     randaugment: Optional[tuple[int, int]] = None
@@ -123,6 +123,41 @@ class PretrainRecipe:
             if d[k] is not None:
                 d[k] = list(d[k])
         return d
+
+
+def recipe_from_settings(settings: list[str], base: Optional[PretrainRecipe] = None) -> PretrainRecipe:
+    """A recipe from ``key=value`` settings over ``base`` (default: :class:`PretrainRecipe`'s defaults).
+
+    Values are read as YAML (``epochs=20``, ``crop_scale=[0.35,1.0]``, ``randaugment=[2,9]``,
+    ``classes=null``); lists become tuples where the field is a tuple.
+
+    Raises:
+        TrainingError: a setting without ``=``, an unknown key (the message lists the keys), or a
+            value of the wrong kind.
+    """
+    import dataclasses
+
+    import yaml
+
+    values = (base or PretrainRecipe()).to_dict()
+    names = [f.name for f in dataclasses.fields(PretrainRecipe)]
+    for item in settings:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise TrainingError(f"pretraining setting {item!r} is not key=value (keys: {', '.join(names)})")
+        if key not in names:
+            raise TrainingError(f"unknown pretraining setting {key!r}; the recipe's keys are {', '.join(names)}")
+        try:
+            values[key] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise TrainingError(f"pretraining setting {item!r}: cannot read the value ({exc})") from exc
+    for key in ("crop_scale", "crop_ratio", "randaugment", "mean", "std"):
+        if isinstance(values[key], list):
+            values[key] = tuple(values[key])
+    try:
+        return PretrainRecipe(**values)
+    except TypeError as exc:
+        raise TrainingError(f"pretraining settings: {exc}") from exc
 
 
 # ------------------------------------------------------------------------------------ augmentation
@@ -286,7 +321,7 @@ def _load_data(recipe: PretrainRecipe) -> tuple[Any, Any]:
     """The recipe's training and test splits as in-memory datasets at ``image_size``."""
     size = (recipe.image_size, recipe.image_size)
     if recipe.dataset == "tiny-imagenet":
-        from duallora.data.tiny_imagenet import load_tiny_imagenet
+        from duallora.data.sources.tiny_imagenet import load_tiny_imagenet
 
         if recipe.root is None:
             raise TrainingError("tiny-imagenet needs its archive or folder: pass --root PATH")
@@ -346,7 +381,6 @@ def pretrain_vit(
 
     recipe.validate()
     output = Path(output)
-    start = time.time()
     if threads is not None:
         torch.set_num_threads(int(threads))
     dev = _select_device(device)
@@ -482,7 +516,7 @@ def pretrain_vit(
 
 def _data_sha256(recipe: PretrainRecipe) -> Optional[str]:
     if recipe.dataset == "tiny-imagenet" and recipe.root is not None:
-        from duallora.data.tiny_imagenet import archive_sha256
+        from duallora.data.sources.tiny_imagenet import archive_sha256
 
         return archive_sha256(recipe.root)
     return None

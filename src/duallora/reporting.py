@@ -34,6 +34,8 @@ __all__ = [
     "write_accuracy_matrix_csv",
     "plot_accuracy_matrix",
     "plot_accuracy_curve",
+    "new_figure",
+    "save_png",
     "RunDirectory",
     "RUN_OUTPUTS",
     "check_replaceable",
@@ -214,7 +216,12 @@ def write_accuracy_matrix_csv(path: PathLike, R, task_names: Optional[Sequence[s
 # --------------------------------------------------------------------------------------------------
 
 
-def _new_figure(width: float, height: float):
+def new_figure(width: float, height: float):
+    """A matplotlib ``Figure`` of ``width`` x ``height`` inches at 110 dpi on its own Agg canvas.
+
+    No pyplot and no global state (nothing else keeps a reference to it). Save it with
+    :func:`save_png`.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -223,7 +230,9 @@ def _new_figure(width: float, height: float):
     return fig
 
 
-def _save_png(fig, path: PathLike) -> Path:
+def save_png(fig, path: PathLike) -> Path:
+    """Render ``fig`` (from :func:`new_figure`) as PNG (tight bounding box) and write it to ``path``
+    atomically (:func:`write_bytes_atomic`); returns ``Path(path)``."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight")
     return write_bytes_atomic(path, buf.getvalue())
@@ -249,7 +258,7 @@ def plot_accuracy_matrix(path: PathLike, R, title: str) -> Path:
     lower = np.tril(np.ones((T, T), dtype=bool))
     masked = np.ma.array(arr, mask=~lower | np.isnan(arr))
     size = min(3.0 + 0.55 * T, 16.0)
-    fig = _new_figure(size + 1.2, size)
+    fig = new_figure(size + 1.2, size)
     ax = fig.add_subplot(1, 1, 1)
     im = ax.imshow(masked, cmap="viridis", vmin=0.0, vmax=100.0, interpolation="nearest")
     fontsize = max(4.0, min(10.0, 90.0 / T))
@@ -271,7 +280,7 @@ def plot_accuracy_matrix(path: PathLike, R, title: str) -> Path:
     ax.set_title(title)
     cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     cbar.set_label("accuracy (%)")
-    return _save_png(fig, path)
+    return save_png(fig, path)
 
 
 def plot_accuracy_curve(
@@ -298,7 +307,7 @@ def plot_accuracy_curve(
 
     if not curves:
         raise ValueError("plot_accuracy_curve needs at least one curve")
-    fig = _new_figure(6.0, 4.0)
+    fig = new_figure(6.0, 4.0)
     ax = fig.add_subplot(1, 1, 1)
     for label, values in curves.items():
         ys = np.asarray(list(values), dtype=np.float64)
@@ -312,7 +321,7 @@ def plot_accuracy_curve(
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, alpha=0.4)
     ax.legend()
-    return _save_png(fig, path)
+    return save_png(fig, path)
 
 
 # --------------------------------------------------------------------------------------------------

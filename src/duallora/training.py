@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
-import random
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -33,189 +31,26 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from duallora import config as config_mod
 from duallora import distributed
 from duallora.backbones import BackboneInfo, create_backbone
+from duallora.budget import (  # noqa: F401  (re-exported: the budget API predates duallora.budget)
+    DIVERGENCE_FACTOR,
+    FEW_STEPS_WARNING,
+    LOSS_CHANCE_SHARE,
+    LOSS_FALL_RATIO,
+    LOSS_SMALL_SHARE,
+    MIN_CAPPED_BATCH,
+    TrainingBudget,
+    TrainingBudgetWarning,
+    describe_training,
+    loss_diagnosis,
+    training_budget,
+)
 from duallora.config import RunConfig
+from duallora.devices import seed_everything, select_device  # noqa: F401  (select_device re-exported)
 from duallora.errors import CheckpointError, ConfigError, DivergenceError, TrainingError
-from duallora.methods import ContinualMethod, TaskContext, build_method
+from duallora.methods import ContinualMethod, TaskContext, build_method, get_method
 from duallora.model import AdaptedViT
 
 CHECKPOINT_FORMAT = 1
-
-#: Smallest batch the task-size cap (``train.max_batch_fraction``) cuts the batch down to; tasks
-#: with fewer images than this train on all of them in one batch.
-MIN_CAPPED_BATCH = 8
-#: A task trained with fewer optimizer steps than this gets a :class:`TrainingBudgetWarning`.
-FEW_STEPS_WARNING = 50
-#: The loss "did not fall" when the mean of its last 10% of steps is above this share of the mean of
-#: its first 10% (i.e. it fell by less than 10%) ...
-LOSS_FALL_RATIO = 0.9
-#: ... unless it already is below this share of ln(C_t) (a task learned from the first steps on).
-LOSS_SMALL_SHARE = 0.1
-#: The loss "ended near chance level" when the mean of its last 10% of steps is at least this share
-#: of ln(C_t), the loss of a uniform guess (the task's classes are barely told apart).
-LOSS_CHANCE_SHARE = 0.75
-#: The loss "diverged" when the final epoch's mean exceeds this multiple of ln(C_t), or the last
-#: 10% of steps average more than this multiple of the first 10% and end near chance level.
-DIVERGENCE_FACTOR = 10.0
-
-
-class TrainingBudgetWarning(UserWarning):
-    """A task was trained too little or badly: few optimizer steps, a loss that did not fall or one
-    that diverged. The same text is in the task's record (``record["warnings"]``, history.json)."""
-
-
-@dataclass(frozen=True)
-class TrainingBudget:
-    """The optimisation budget of one task (see :func:`training_budget`).
-
-    Attributes:
-        batch_size: images per optimizer step (global over torchrun processes).
-        epochs: passes over the task's training images.
-        steps_per_epoch: optimizer steps per epoch, ``ceil(num_images / batch_size)``.
-        steps: optimizer steps in all, ``epochs * steps_per_epoch``.
-        batch_capped: the batch is smaller than ``train.batch_size`` because the task is small.
-        epochs_raised: ``epochs`` is above ``train.epochs`` to reach ``train.min_steps``.
-    """
-
-    batch_size: int
-    epochs: int
-    steps_per_epoch: int
-    steps: int
-    batch_capped: bool
-    epochs_raised: bool
-
-
-def training_budget(num_images: int, batch_size: int, epochs: int, min_steps: int = 0,
-                    max_batch_fraction: Optional[float] = None) -> TrainingBudget:
-    """The batch size, epochs and optimizer steps of a task of ``num_images`` training images.
-
-    1. Batch cap: ``cap = max(MIN_CAPPED_BATCH, floor(max_batch_fraction * num_images))``. When
-       ``cap < batch_size`` the epoch is cut into ``k = ceil(num_images / cap)`` batches of nearly
-       equal size, ``ceil(num_images / k)`` images each (<= cap; so a fraction of 0.25 gives at
-       least 4 steps per epoch once ``num_images >= 4 * MIN_CAPPED_BATCH``). Otherwise the batch
-       is ``batch_size`` (the last batch of an epoch holds the remainder). ``None`` = no cap.
-    2. ``steps_per_epoch = ceil(num_images / batch)``.
-    3. Minimum steps: ``epochs = max(epochs, ceil(min_steps / steps_per_epoch))``; ``min_steps=0``
-       keeps ``epochs``.
-
-    Examples (batch 128, 2 epochs, min_steps 100, fraction 0.25): 12,000 images -> batch 128,
-    2 epochs, 188 steps (unchanged); 150 images -> batch 30, 20 epochs of 5 steps, 100 steps.
-
-    Args:
-        num_images: the task's training images (>= 1).
-        batch_size: ``train.batch_size`` (>= 1).
-        epochs: ``train.epochs`` (>= 1), the least number of epochs.
-        min_steps: ``train.min_steps`` (>= 0).
-        max_batch_fraction: ``train.max_batch_fraction`` in (0, 1], or None.
-
-    Raises:
-        ValueError: a value outside those ranges.
-    """
-    if num_images < 1:
-        raise ValueError(f"a task needs at least one training image, got {num_images}")
-    if batch_size < 1 or epochs < 1 or min_steps < 0:
-        raise ValueError(f"batch_size={batch_size} and epochs={epochs} must be >= 1, min_steps={min_steps} >= 0")
-    if max_batch_fraction is not None and not 0.0 < max_batch_fraction <= 1.0:
-        raise ValueError(f"max_batch_fraction={max_batch_fraction} must lie in (0, 1] or be None")
-    batch, capped = batch_size, False
-    if max_batch_fraction is not None:
-        cap = max(MIN_CAPPED_BATCH, math.floor(max_batch_fraction * num_images))
-        if cap < batch_size:
-            k = math.ceil(num_images / cap)
-            batch, capped = math.ceil(num_images / k), True
-    per_epoch = math.ceil(num_images / batch)
-    needed = math.ceil(min_steps / per_epoch) if min_steps > 0 else 0
-    eff_epochs = max(epochs, needed)
-    return TrainingBudget(batch_size=batch, epochs=eff_epochs, steps_per_epoch=per_epoch,
-                          steps=eff_epochs * per_epoch, batch_capped=capped, epochs_raised=eff_epochs > epochs)
-
-
-def _count(n: int, word: str) -> str:
-    """``"1 epoch"``, ``"2 epochs"``, ``"3 batches"``."""
-    return f"{n} {word}" if n == 1 else f"{n} {word}{'es' if word.endswith('tch') else 's'}"
-
-
-def loss_diagnosis(step_losses: Sequence[float], epoch_losses: Sequence[float],
-                   num_classes: int) -> tuple[dict[str, float], list[str]]:
-    """Did a task's training loss fall? Compares the first and last 10% of its steps.
-
-    Args:
-        step_losses: the cross-entropy of every optimizer step, in order (nats).
-        epoch_losses: the mean loss of every epoch (nats); the last one is the final loss.
-        num_classes: C_t; ln(C_t) is the loss of a uniform prediction.
-
-    Returns:
-        ``(trend, problems)``: ``trend`` holds ``first`` and ``last`` (mean loss of the first and
-        last ``window_steps = max(1, steps // 10)`` steps), ``window_steps`` and ``change``
-        (``last / first - 1``, e.g. -0.6 = fell by 60%); ``problems`` holds at most one sentence
-        (without the task's name), the first that applies of: the loss diverged (final epoch above
-        ``DIVERGENCE_FACTOR * ln C_t``, or ``last > DIVERGENCE_FACTOR * first`` while ``last >=
-        LOSS_CHANCE_SHARE * ln C_t``), did not fall (``last > LOSS_FALL_RATIO * first`` while above
-        ``LOSS_SMALL_SHARE * ln C_t``; not checked for a single step), was unstable (an earlier
-        epoch above ``DIVERGENCE_FACTOR * ln C_t``), or ended near chance level (``last >=
-        LOSS_CHANCE_SHARE * ln C_t``). Empty inputs give ``({}, [])``; a single-class task (its
-        loss is always 0) gets the trend and no problem.
-    """
-    if not step_losses or not epoch_losses:
-        return {}, []
-    k = max(1, len(step_losses) // 10)
-    first = float(np.mean(step_losses[:k]))
-    last = float(np.mean(step_losses[-k:]))
-    change = last / first - 1.0 if first > 0 else 0.0
-    trend = {"first": first, "last": last, "window_steps": k, "change": change}
-    if num_classes < 2:
-        return trend, []
-    chance = math.log(num_classes)
-    final = float(epoch_losses[-1])
-    where = (f"mean of the first {k} steps {first:.4g}, of the last {k} {last:.4g}" if k > 1
-             else f"first step {first:.4g}, last step {last:.4g}")
-    near_chance = last >= LOSS_CHANCE_SHARE * chance
-    if final > DIVERGENCE_FACTOR * chance or (last > DIVERGENCE_FACTOR * first and near_chance):
-        return trend, [(f"the training loss diverged: final epoch loss {final:.4g} (a uniform guess over "
-                       f"{num_classes} classes scores ln {num_classes} = {chance:.3f}; {where}); "
-                       "lower train.lr / train.head_lr")]
-    how = f"fell by only {-100 * change:.1f}%" if change < 0 else f"rose by {100 * change:.1f}%"
-    advice = "the task is barely learned: raise train.min_steps or train.epochs, or check train.lr and the data"
-    if len(step_losses) > 1 and last > LOSS_FALL_RATIO * first and last > LOSS_SMALL_SHARE * chance:
-        end = " and ended near chance level" if near_chance else ""
-        return trend, [(f"the training loss did not fall: it {how}{end} ({where}; a uniform guess over "
-                       f"{num_classes} classes scores ln {num_classes} = {chance:.3f}); {advice}")]
-    peak = int(np.argmax(epoch_losses))
-    if epoch_losses[peak] > DIVERGENCE_FACTOR * chance:
-        return trend, [(f"the training loss was unstable: epoch {peak + 1} averaged {epoch_losses[peak]:.4g} (over "
-                       f"{DIVERGENCE_FACTOR:g} x ln {num_classes} = {DIVERGENCE_FACTOR * chance:.3g}) before it ended "
-                       f"at {final:.4g}; lower train.lr / train.head_lr")]
-    if near_chance:
-        return trend, [(f"the training loss ended near chance level: {where}, {100 * last / chance:.0f}% of "
-                       f"ln {num_classes} = {chance:.3f} (a uniform guess over {num_classes} classes); {advice}")]
-    return trend, []
-
-
-def select_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA, then Apple MPS, then the CPU; other names are passed to torch.
-
-    Raises:
-        TrainingError: a named device that is not available.
-    """
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError as exc:
-        raise TrainingError(f"train.device={name!r} is not a device name (auto, cpu, cuda, cuda:0, mps)") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("train.device=cuda but no CUDA GPU is available; use train.device=auto or cpu")
-    return dev
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch RNGs."""
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
 
 
 def make_progress(enabled: bool):
@@ -231,15 +66,45 @@ def make_progress(enabled: bool):
 
 
 class _TaskForward(nn.Module):
-    """``x -> method.train_logits(x, task)`` as a module, so DDP can wrap the training forward."""
+    """One training step's ``(x, y) -> (logits, loss)`` as a module, so DDP can wrap the whole objective.
 
-    def __init__(self, method: ContinualMethod, task: int) -> None:
+    The loss is computed inside the wrapped forward so that every parameter it reaches (e.g. L2P's
+    keys, through its key-matching term) is found from DDP's output. ``train_logits`` runs under the
+    run's ``autocast`` (and ``torch.compile`` with ``compile_logits``); the loss outside it.
+    """
+
+    def __init__(self, method: ContinualMethod, task: int, autocast: Callable[[], Any],
+                 compile_logits: bool = False) -> None:
         super().__init__()
         self.method = method
         self.task = task
+        self.autocast = autocast
+        self.logits_fn = torch.compile(self._logits) if compile_logits else self._logits
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.train_logits(x, self.task)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with self.autocast():
+            logits = self.logits_fn(x)
+        return logits, self.method.loss(logits, y, x, self.task)
+
+
+@dataclass
+class _TrainingRun:
+    """What the epochs of one task use (built by :meth:`ContinualLearner._prepare_training`)."""
+
+    trainable: list[nn.Parameter]
+    train_set: Dataset
+    budget: Optional[TrainingBudget]
+    epochs: int
+    batch_size: int
+    loader: DataLoader
+    opt: Optional[torch.optim.Optimizer]
+    sched: Optional[Any]
+    forward: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    scaler: Optional[Any]
+    plain_loss: bool  # the method's loss is the cross-entropy itself (recorded as is)
 
 
 class _LocalLabels(Dataset):
@@ -255,7 +120,8 @@ class _LocalLabels(Dataset):
         x, y = self.base[i]
         y = int(y)
         if y not in self.mapping:
-            raise TrainingError(f"image {i} has label {y}, which is not one of this task's classes {sorted(self.mapping)}")
+            raise TrainingError(f"image {i} has label {y}, which is not one of this task's classes "
+                                f"{sorted(self.mapping)}")
         return x, self.mapping[y]
 
 
@@ -279,7 +145,8 @@ class Prediction:
 
 
 class ContinualLearner:
-    """A frozen ViT that learns class-incremental tasks with one of the methods in :data:`METHODS`.
+    """A frozen ViT that learns class-incremental tasks with one of the registered methods
+    (:data:`duallora.methods.METHODS`).
 
     Args:
         cfg: the run config (its ``backbone``, ``method``, ``train`` and ``seed`` sections are used).
@@ -289,6 +156,8 @@ class ContinualLearner:
 
     Raises:
         BackboneError, TrainingError: see :func:`~duallora.backbones.create_backbone`, :func:`select_device`.
+        ConfigError: a rank option above the adapted layers' input width, or what the method's
+            constructor refuses (e.g. DualLoRA's ``gate_layer`` outside the backbone).
     """
 
     def __init__(self, cfg: RunConfig, num_tasks: Optional[int] = None,
@@ -305,12 +174,13 @@ class ContinualLearner:
         seed_everything(cfg.seed)
         model, info = backbone if backbone is not None else create_backbone(cfg.backbone.name, cfg.backbone.weights)
         self.backbone_info = info
-        modules = cfg.method.adapted_modules if cfg.method.name != "frozen" else ()
+        method_cls = get_method(cfg.method.name)
+        modules = cfg.method.adapted_modules if method_cls.uses_adapters else ()
         self.model = AdaptedViT(model, info.mean, info.std, modules)
         widths = [layer.in_features for _, layer in self.model.adapted_layers()]
-        for key in ("rank_orthogonal", "rank_residual"):
+        for key in [k for k, option in method_cls.options.items() if option.rank]:  # ranks the method reads
             rank = getattr(cfg.method, key)
-            if widths and key in config_mod.METHOD_KEYS[cfg.method.name] and rank > min(widths):
+            if widths and rank > min(widths):
                 raise ConfigError(f"method.{key}={rank} exceeds the input width of the adapted layers "
                                   f"({min(widths)}); use at most {min(widths)}")
         self.method: ContinualMethod = build_method(self.model, cfg.method, cfg.seed)
@@ -353,15 +223,16 @@ class ContinualLearner:
     def _statistics_subset(self, data: Dataset, task: int) -> Dataset:
         """The images of task ``task`` that the statistics passes see (``method.stat_images``).
 
-        Methods that read ``stat_images`` (config.METHOD_KEYS) get a random subset of that many
+        Methods that read ``stat_images`` (their declared options) get a random subset of that many
         images, drawn with a generator seeded by (seed, task) and kept in dataset order, so that a
         resumed or distributed run sees the same subset. Other methods (e.g. fecam, simplecil, whose
         classifier *is* the statistics) and ``stat_images=None`` get every image.
         """
         n = self.cfg.method.stat_images
-        if n is None or "stat_images" not in config_mod.METHOD_KEYS[self.cfg.method.name] or n >= len(data):
+        if n is None or "stat_images" not in type(self.method).options or n >= len(data):
             return data
-        keep = torch.randperm(len(data), generator=self.method.task_generator(task, stream=3))[:n].sort().values.tolist()
+        order = torch.randperm(len(data), generator=self.method.task_generator(task, stream=3))
+        keep = order[:n].sort().values.tolist()
         return Subset(data, keep)
 
     def _optimizer(self, groups: dict[str, list[nn.Parameter]]) -> torch.optim.Optimizer:
@@ -380,25 +251,15 @@ class ContinualLearner:
     def learn_task(self, train_data: Dataset, classes: Sequence[int]) -> dict[str, Any]:
         """Learn the next task from ``train_data`` (yielding ``(image (C, H, W), dataset label id)``).
 
-        Args:
-            train_data: the task's training images.
-            classes: the task's dataset label ids; their order fixes the head's output order.
+        The steps: the method's ``begin_task`` (statistics passes, new adapters and head), the epochs
+        over its ``training_set`` minimising its ``loss`` (only for a method with parameters to
+        train), its ``end_task`` (merge, memory and statistics update), then the task's record.
 
-        The training budget adapts to the task's size (:func:`training_budget`): with N training
-        images (for ``joint``, the union of the tasks so far), the batch is at most
-        ``max(8, floor(train.max_batch_fraction * N))`` images (epochs cut into equal batches when
-        this cap is below ``train.batch_size``), and the epochs are raised above ``train.epochs``
-        until the task gets at least ``train.min_steps`` optimizer steps. The cosine schedule spans
-        the effective steps. At the defaults (batch 128, 2 epochs, min_steps 100, fraction 0.25) a
-        task of 12,000 images trains as configured (188 steps); one of 150 images gets 20 epochs of
-        5 batches of 30 (100 steps).
-
-        A task trained with fewer than :data:`FEW_STEPS_WARNING` (50) steps gets a warning, and so
-        does one whose loss diverged (final epoch above 10 ln C_t, or the last 10% of steps above
-        10x the first 10% and near chance), did not fall by 10% from its first to its last 10% of
-        steps, spiked (an epoch above 10 ln C_t) or ended near chance level (last 10% of steps at
-        >= 0.75 ln C_t; :func:`loss_diagnosis`): in ``record["warnings"]`` and as a
-        :class:`TrainingBudgetWarning` (main process only).
+        The batch size and epochs adapt to the size of the training set (for ``joint`` the union of
+        the tasks so far; :func:`~duallora.budget.training_budget`); the cosine schedule spans the
+        effective steps. Too few steps or a loss that diverged, did not fall, spiked or ended near
+        chance (:func:`~duallora.budget.loss_diagnosis`) are warned about: in ``record["warnings"]``
+        and as a :class:`TrainingBudgetWarning` (main process only).
 
         Args:
             train_data: the task's training images.
@@ -406,17 +267,20 @@ class ContinualLearner:
 
         Returns:
             a record of the task (JSON-serialisable; the run writes it to history.json):
-            ``epoch_loss`` (mean cross-entropy per epoch, nats; ``[]`` when nothing was trained),
-            ``trained`` (False for methods without trainable parameters: simplecil, fecam),
-            ``batch_size``/``epochs``/``steps`` (effective; None/0/0 when not trained),
-            ``budget`` (trained only: the :class:`TrainingBudget` fields, the training-set size and
-            the configured values), ``loss_trend`` (see :func:`loss_diagnosis`; ``{}`` when not
-            trained), ``warnings`` (list of str), ``summary`` (one line for the terminal: ``"loss
-            0.3445"``, with the budget when it was adapted and the number of warnings, or ``"no
-            training (statistics only)"``), times in seconds, adapter ranks, memory growth.
+            ``epoch_loss`` (mean cross-entropy per epoch, nats, without a method's extra loss terms;
+            ``[]`` when nothing was trained), ``trained`` (False for methods without trainable
+            parameters: simplecil, fecam), ``batch_size``/``epochs``/``steps`` (effective; None/0/0
+            when not trained), ``budget`` (trained only: the :class:`TrainingBudget` fields, the
+            training-set size and the configured values), ``loss_trend`` (see ``loss_diagnosis``;
+            ``{}`` when not trained), ``warnings`` (list of str), ``summary`` (one line for the
+            terminal: ``"loss 0.3445"``, with the budget when it was adapted and the number of
+            warnings, or ``"no training (statistics only)"``), times in seconds, and what the
+            method's ``begin_task``/``end_task`` return (adapter ranks, memory growth).
 
         Raises:
-            TrainingError: the loss became NaN/inf, or a label is not in ``classes``.
+            DivergenceError: the loss became NaN/inf.
+            TrainingError: a label is not in ``classes``, or a method that declares ``trains=False``
+                returned parameters to train.
             ValueError: a class already seen, an empty class list, or no training images (for a
                 method that trains).
         """
@@ -427,23 +291,52 @@ class ContinualLearner:
         if overlap:
             raise ValueError(f"classes {sorted(overlap)} were already learned in an earlier task")
         t = len(self.task_classes)
-        tc = self.cfg.train
         data = _LocalLabels(train_data, {c: i for i, c in enumerate(classes)})
-        stats_loader = self._loader(self._statistics_subset(data, t), tc.eval_batch_size, shuffle=False)
+        stats_loader = self._loader(self._statistics_subset(data, t), self.cfg.train.eval_batch_size, shuffle=False)
         ctx = TaskContext(task=t, num_classes=len(classes), num_tasks=self.num_tasks,
                           stats_loader=stats_loader, device=self.device, progress=self.progress)
         start = time.perf_counter()
+        begin_info = self._begin(ctx)
+        run = self._prepare_training(data, t)
+        losses, step_losses, steps, train_time = self._train_epochs(run, t)
+        end_info, end_time = self._end(ctx, run)
+        self.task_classes.append(classes)
+        record = self._task_record(t, classes, data, run, losses, step_losses, steps)
+        record.update({"train_time_s": train_time, "task_time_s": time.perf_counter() - start,
+                       "end_task_time_s": end_time})
+        record.update(begin_info)
+        record.update(end_info)
+        if distributed.is_main():
+            for msg in record["warnings"]:
+                warnings.warn(msg, TrainingBudgetWarning, stacklevel=2)
+        self.history.append(record)
+        return record
+
+    def _begin(self, ctx: TaskContext) -> dict:
+        """The method's ``begin_task`` (under the precision policy), the model in eval mode."""
         self.model.eval()  # the backbone has no dropout we want; adapters have none
         with self.autocast():
-            begin_info = self.method.begin_task(ctx)
+            return self.method.begin_task(ctx)
+
+    def _prepare_training(self, data: Dataset, t: int) -> _TrainingRun:
+        """Parameters, optimiser, training set, budget, loader, schedule and forward of task ``t``.
+
+        A method without trainable parameters (simplecil, fecam) learns in ``end_task``: no epochs,
+        no optimiser; its record says trained=False with an empty epoch_loss.
+
+        Raises:
+            TrainingError: a method with ``trains=False`` returned parameters.
+            ValueError: a training set without images (for a method that trains).
+        """
+        tc = self.cfg.train
         groups = self.method.param_groups(t)
         trainable = [p for g in groups.values() for p in g]
-        # a method without trainable parameters (simplecil, fecam) learns in end_task: no epochs, no
-        # optimiser; its record says trained=False with an empty epoch_loss
+        if trainable and not self.method.trains:
+            raise TrainingError(f"method {self.method.name!r} declares trains=False but param_groups returned "
+                                "parameters; set trains=True or return no parameters")
         opt = self._optimizer(groups) if trainable else None
         # a method may train on more than the task's own data (joint, the non-continual upper bound)
-        training_set = getattr(self.method, "training_set", None)
-        train_set = training_set(data, t) if training_set is not None and trainable else data
+        train_set = self.method.training_set(data, t) if trainable else data
         budget: Optional[TrainingBudget] = None
         if trainable:
             if len(train_set) == 0:  # type: ignore[arg-type]
@@ -456,106 +349,87 @@ class ContinualLearner:
         steps = epochs * len(loader)
         sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
                  if tc.scheduler == "cosine" and opt is not None else None)
-        forward = _TaskForward(self.method, t)
+        forward: Any = _TaskForward(self.method, t, self.autocast, compile_logits=tc.compile and bool(trainable))
         if distributed.world_size() > 1 and trainable:
             from torch.nn.parallel import DistributedDataParallel
 
             # gradients of the task's trainable parameters are averaged over the processes
             forward = DistributedDataParallel(forward, find_unused_parameters=True,
                                               device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if tc.compile and trainable:
-            forward = torch.compile(forward)  # type: ignore[assignment]
         scaler = torch.amp.GradScaler(self.device.type) if tc.precision == "fp16" and trainable else None
+        return _TrainingRun(trainable=trainable, train_set=train_set, budget=budget, epochs=epochs,
+                            batch_size=batch_size, loader=loader, opt=opt, sched=sched, forward=forward,
+                            scaler=scaler, plain_loss=type(self.method).loss is ContinualMethod.loss)
+
+    def _train_epochs(self, run: _TrainingRun, t: int) -> tuple[list[float], list[float], int, float]:
+        """The epochs of task ``t``: ``(mean loss per epoch, loss per step, steps, seconds)``."""
         losses: list[float] = []
         step_losses: list[float] = []
         train_start = time.perf_counter()
         step = 0
-        for epoch in range(epochs):
-            assert opt is not None
+        for epoch in range(run.epochs):
             total, n = 0.0, 0
-            bar = self.progress(loader, f"task {t + 1} epoch {epoch + 1}/{epochs}")
+            bar = self.progress(run.loader, f"task {t + 1} epoch {epoch + 1}/{run.epochs}")
             for x, y in bar:
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                with self.autocast():
-                    logits = forward(x)
-                loss = F.cross_entropy(logits, y)
-                if not torch.isfinite(loss):
-                    raise DivergenceError(
-                        f"the loss became {loss.item()} at task {t + 1}, epoch {epoch + 1}, step {step}; "
-                        f"lower train.lr (now {tc.lr}) or check the data"
-                    )
-                opt.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.step(opt)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    opt.step()
-                if self.step_callback is not None:  # before the schedule moves: the rate this step used
-                    self.step_callback(t, loss.item(), opt)
-                if sched is not None:
-                    sched.step()
+                value = self._train_step(run, x, y, t, epoch, step)
                 step += 1
-                value = loss.item()
                 step_losses.append(value)
                 total += value * len(y)
                 n += len(y)
                 if hasattr(bar, "set_postfix"):
                     bar.set_postfix(loss=f"{value:.4f}")
             losses.append(total / max(n, 1))
-        train_time = time.perf_counter() - train_start
-        for p in trainable:
+        return losses, step_losses, step, time.perf_counter() - train_start
+
+    def _train_step(self, run: _TrainingRun, x: torch.Tensor, y: torch.Tensor, t: int, epoch: int,
+                    step: int) -> float:
+        """One optimizer step on the batch ``(x, y)``; returns its cross-entropy (the recorded loss).
+
+        Raises:
+            DivergenceError: a NaN or infinite loss.
+        """
+        opt = run.opt
+        assert opt is not None
+        logits, loss = run.forward(x, y)
+        if not torch.isfinite(loss):
+            raise DivergenceError(
+                f"the loss became {loss.item()} at task {t + 1}, epoch {epoch + 1}, step {step}; "
+                f"lower train.lr (now {self.cfg.train.lr}) or check the data"
+            )
+        # a method's extra loss terms are trained on, but the record keeps the plain cross-entropy
+        recorded = loss if run.plain_loss else F.cross_entropy(logits.detach(), y)
+        opt.zero_grad(set_to_none=True)
+        if run.scaler is not None:
+            run.scaler.scale(loss).backward()
+            run.scaler.step(opt)
+            run.scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+        value = recorded.item()
+        if self.step_callback is not None:  # before the schedule moves: the rate this step used
+            self.step_callback(t, value, opt)
+        if run.sched is not None:
+            run.sched.step()
+        return value
+
+    def _end(self, ctx: TaskContext, run: _TrainingRun) -> tuple[dict, float]:
+        """Drop the gradients, run the method's ``end_task``; ``(its facts, seconds)``."""
+        for p in run.trainable:
             p.grad = None
         end_start = time.perf_counter()
         with self.autocast():
             end_info = self.method.end_task(ctx)
-        end_time = time.perf_counter() - end_start
-        self.task_classes.append(classes)
-        trend, problems = loss_diagnosis(step_losses, losses, len(classes))
-        budget_info: dict[str, Any] = {"trained": bool(trainable), "batch_size": batch_size if trainable else None,
-                                       "epochs": epochs, "steps": step}
-        if budget is not None:
-            budget_info["budget"] = {**asdict(budget), "train_set_images": len(train_set),  # type: ignore[arg-type]
-                                     "configured_batch_size": tc.batch_size, "configured_epochs": tc.epochs,
-                                     "min_steps": tc.min_steps, "max_batch_fraction": tc.max_batch_fraction}
-            if step < FEW_STEPS_WARNING:
-                problems.insert(0, (
-                    f"only {_count(step, 'optimizer step')} ({_count(epochs, 'epoch')} x "
-                    f"{_count(len(loader), 'batch')} of up to {batch_size} images, "
-                    f"{len(train_set)} training images); "  # type: ignore[arg-type]
-                    f"fewer than {FEW_STEPS_WARNING} rarely train the heads and adapters: raise train.min_steps "
-                    f"(now {tc.min_steps}) or train.epochs (now {tc.epochs})"))
-        task_warnings = [f"task {t + 1}: {msg}" for msg in problems]
-        if not trainable:
-            summary = "no training (statistics only)"
-        else:
-            summary = f"loss {losses[-1]:.4f}"
-            if budget is not None and (budget.batch_capped or budget.epochs_raised):
-                summary += (f" ({_count(step, 'step')}: {_count(epochs, 'epoch')} x "
-                            f"{_count(len(loader), 'batch')} of {batch_size})")
-        if task_warnings:
-            summary += f" [{len(task_warnings)} warning{'s' if len(task_warnings) > 1 else ''}]"
-        record = {
-            "task": t + 1,
-            "classes": list(classes),
-            "train_images": len(data),
-            "epoch_loss": losses,
-            **budget_info,
-            "loss_trend": trend,
-            "warnings": task_warnings,
-            "summary": summary,
-            "train_time_s": train_time,
-            "task_time_s": time.perf_counter() - start,
-            "end_task_time_s": end_time,
-            **begin_info,
-            **end_info,
-        }
-        if distributed.is_main():
-            for msg in task_warnings:
-                warnings.warn(msg, TrainingBudgetWarning, stacklevel=2)
-        self.history.append(record)
-        return record
+        return end_info, time.perf_counter() - end_start
+
+    def _task_record(self, t: int, classes: tuple[int, ...], data: Dataset, run: _TrainingRun,
+                     losses: list[float], step_losses: list[float], steps: int) -> dict[str, Any]:
+        """The task's record without its times and method facts (see :meth:`learn_task`)."""
+        training = describe_training(t, len(classes), run.budget, run.batch_size, len(run.loader), steps,
+                                     len(run.train_set), losses, step_losses, self.cfg.train)  # type: ignore[arg-type]
+        return {"task": t + 1, "classes": list(classes), "train_images": len(data),  # type: ignore[arg-type]
+                "epoch_loss": losses, **training}
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()

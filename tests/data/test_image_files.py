@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from duallora.data import datasets as ds
+from duallora.data import base
 from duallora.data.datasets import check_image_files, load_dataset, pil_to_8bit
-from duallora.data.standins import make_wnid_folders
+from duallora.data.sources.wnid import make_wnid_folders
 from duallora.errors import DataError
 
 pytestmark = pytest.mark.filterwarnings("ignore::duallora.data.benchmarks.DataCountWarning")
@@ -25,7 +25,7 @@ EXPECTED8 = np.rint(GRADIENT16 / 257.0).astype(np.uint8)  # 65535 -> 255, 257 ->
 
 @pytest.fixture(autouse=True)
 def _fresh_check_cache(monkeypatch):
-    monkeypatch.setattr(ds, "_CHECKED", set())
+    monkeypatch.setattr(base, "_CHECKED", set())
 
 
 def _one_image_folder(root: Path, name: str, im: Image.Image, **save) -> Path:
@@ -213,8 +213,8 @@ def test_good_files_pass_and_are_checked_once(tmp_path, monkeypatch):
         _good_png(tmp_path / f"{i}.png")
     files = sorted(tmp_path.glob("*.png"))
     calls = []
-    real = ds._image_problem
-    monkeypatch.setattr(ds, "_image_problem", lambda p: calls.append(p) or real(p))
+    real = base._image_problem
+    monkeypatch.setattr(base, "_image_problem", lambda p: calls.append(p) or real(p))
     check_image_files(files, "imagefolder")
     check_image_files(files, "imagefolder")
     assert len(calls) == 3  # the second call found the same files unchanged

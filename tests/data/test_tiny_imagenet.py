@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from duallora.data import tiny_imagenet as ti
+from duallora.data.sources import tiny_imagenet as ti
 from duallora.data.tiny_imagenet_classes import CONTINUAL_WNIDS, PRETRAIN_WNIDS
 from duallora.errors import DataError
 

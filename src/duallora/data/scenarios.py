@@ -7,6 +7,9 @@ Vocabulary:
 * **position** (global output index): a label's index in the class order; task ``t`` owns
   positions ``[t * classes_per_task, (t + 1) * classes_per_task)``.
 * **local index**: position minus the task's offset, i.e. the index within the task's head.
+
+:func:`scenario_from_config` builds the scenario of a run's ``data`` config (every data key, and the
+``data.evaluate_on`` split as the test side).
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from duallora.data.datasets import ImageDataset
+from duallora.data.base import ImageDataset
+from duallora.data.datasets import load_dataset
 from duallora.errors import DataError
 
 
@@ -140,30 +144,32 @@ class ClassIncrementalScenario:
         self._position = torch.empty(n, dtype=torch.int64)
         self._position[torch.tensor(self.class_order, dtype=torch.int64)] = torch.arange(n)
         self._order = torch.tensor(self.class_order, dtype=torch.int64)
+        self._train_idx, self._test_idx = self._task_indices()
 
-        train_pc = _indices_per_class(train.targets, n)
-        test_pc = _indices_per_class(test.targets, n)
-        self._train_idx: list[list[int]] = []
-        self._test_idx: list[list[int]] = []
+    def _task_indices(self) -> tuple[list[list[int]], list[list[int]]]:
+        """Per task, the (capped) indices into ``train`` and ``test``; every class must have images in both."""
+        train_pc = _indices_per_class(self.train.targets, self.num_classes)
+        test_pc = _indices_per_class(self.test.targets, self.num_classes)
+        train_idx: list[list[int]] = []
+        test_idx: list[list[int]] = []
         for task in self.tasks:
-            tr = sorted(
-                i for c in task.classes for i in _cap_indices(train_pc[c], train_per_class, self.seed, 0, c)
-            )
-            te = sorted(
-                i for c in task.classes for i in _cap_indices(test_pc[c], test_per_class, self.seed, 1, c)
-            )
-            for split, per_class in (("train", train_pc), ("test", test_pc)):
+            for split, per_class in (("train", train_pc), (getattr(self.test, "split", None) or "test", test_pc)):
                 empty = [c for c in task.classes if len(per_class[c]) == 0]
                 if empty:
-                    names = [train.classes[c] for c in empty]
+                    names = [self.train.classes[c] for c in empty]
                     raise DataError(
                         f"task {task.index} (classes {list(task.classes)}) has no {split} images of "
                         f"class {empty} {names}; every class needs train and test images (check the "
                         "data folder, or data.test_fraction for an imagefolder without train/test "
-                        "folders: a class needs at least 2 images to be split)"
+                        "folders, or data.validation_fraction: a class needs at least 2 images to be split)"
                     )
-            self._train_idx.append(tr)
-            self._test_idx.append(te)
+            train_idx.append(sorted(
+                i for c in task.classes for i in _cap_indices(train_pc[c], self.train_per_class, self.seed, 0, c)
+            ))
+            test_idx.append(sorted(
+                i for c in task.classes for i in _cap_indices(test_pc[c], self.test_per_class, self.seed, 1, c)
+            ))
+        return train_idx, test_idx
 
     # ------------------------------------------------------------------------------ validation
 
@@ -347,7 +353,7 @@ class ClassIncrementalScenario:
         """
         train_counts = [len(ix) for ix in self._train_idx]
         test_counts = [len(ix) for ix in self._test_idx]
-        return {
+        record = {
             "dataset": getattr(self.train, "name", None),
             "root": getattr(self.train, "source", None),
             "split": getattr(self.train, "split_info", None),
@@ -366,9 +372,40 @@ class ClassIncrementalScenario:
             "test_images": sum(test_counts),
             "dataset_images": {"train": len(self.train), "test": len(self.test)},
         }
+        if getattr(self.test, "split", None) == "validation":  # the test side is the validation split
+            record["evaluate_on"] = "validation"
+        return record
 
     def __repr__(self) -> str:
         return (
             f"ClassIncrementalScenario({getattr(self.train, 'name', None)!r}, tasks={self.num_tasks}, "
             f"classes_per_task={self.classes_per_task}, order={self.class_order})"
         )
+
+
+def scenario_from_config(data: Any, *, seed: int, image_size: tuple[int, int], channels: int,
+                         transform: Any = None) -> ClassIncrementalScenario:
+    """The scenario of a run's ``data`` config section (:class:`~duallora.config.DataConfig`).
+
+    Loads the training split and, as the test side, the ``data.evaluate_on`` split (``test``, or
+    ``validation``: the held-out share ``data.validation_fraction`` of the training images) with
+    every data key (``classes``, ``validation_fraction``, split lists, ...), then cuts them into tasks.
+
+    Args:
+        data: the ``data`` section; seed: the run seed.
+        image_size, channels: the backbone's input; transform: its transform settings (benchmarks).
+
+    Raises:
+        DataError: as :func:`~duallora.data.datasets.load_dataset` and :class:`ClassIncrementalScenario`.
+    """
+    kw = dict(root=data.root, image_size=image_size, channels=channels, seed=seed, test_fraction=data.test_fraction,
+              check_images=data.check_images, split_train=data.split_train, split_test=data.split_test,
+              split_sha256=data.split_sha256, transform=transform, augment=data.augment, classes=data.classes,
+              validation_fraction=data.validation_fraction)
+    train = load_dataset(data.dataset, "train", **kw)
+    test = load_dataset(data.dataset, data.evaluate_on, **kw)
+    return ClassIncrementalScenario(
+        train, test, num_tasks=data.num_tasks, classes_per_task=data.classes_per_task, seed=seed,
+        class_order=list(data.class_order) if data.class_order is not None else None,
+        shuffle_classes=data.shuffle_classes, train_per_class=data.train_per_class, test_per_class=data.test_per_class,
+    )

@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from duallora.data.datasets import ImageDataset
+from duallora.data.base import ImageDataset
 from duallora.errors import DataError
 
 #: Interpolation and crop used when the backbone has no timm pretrained config.
@@ -183,12 +183,15 @@ class AugmentedDataset(ImageDataset):
 
     def __init__(self, base: ImageDataset, tc: TransformConfig) -> None:
         self.base = base
+        self._tc = tc
         self.targets = base.targets
         self.classes = base.classes
+        self.class_ids = base.class_ids
         self.image_size = base.image_size
         self.channels = base.channels
         self.name = base.name
         self.source = base.source
+        self.split = base.split
         tc = TransformConfig(
             input_size=(base.channels, *base.image_size), interpolation=tc.interpolation,
             crop_pct=1.0, mean=tc.mean, std=tc.std, source=tc.source,
@@ -202,6 +205,11 @@ class AugmentedDataset(ImageDataset):
         for key in ("split_info",):
             if hasattr(base, key):
                 setattr(self, key, getattr(base, key))
+
+    def select(self, indices: Sequence[int], targets: Optional[Sequence[int]] = None,
+               classes: Optional[Sequence[str]] = None, class_ids: Optional[Sequence[str]] = None) -> ImageDataset:
+        """The base's selection (:meth:`ImageDataset.select`), augmented the same way."""
+        return AugmentedDataset(self.base.select(indices, targets, classes, class_ids), self._tc)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         from torchvision.transforms.functional import to_pil_image

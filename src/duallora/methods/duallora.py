@@ -1,193 +1,49 @@
-"""Continual-learning methods as small classes with a few hooks (in the spirit of Mammoth).
+"""DualLoRA: orthogonal + residual adapters, a subspace memory, dynamic gates, calibrated output.
 
-A method owns an :class:`~duallora.model.AdaptedViT` and answers five hooks that the shared training
-loop (:mod:`duallora.training`) calls:
-
-* :meth:`ContinualMethod.begin_task` before training task t (statistics passes, new adapters, head);
-* :meth:`ContinualMethod.param_groups` the parameters to train for task t;
-* :meth:`ContinualMethod.train_logits` task-local logits (B, C_t) for the cross-entropy;
-* :meth:`ContinualMethod.end_task` after training (merge, freeze, memory and statistics update);
-* :meth:`ContinualMethod.infer` one forward pass at test time, no task label: class probabilities
-  over all seen classes and a task posterior.
-
-Methods are looked up in :data:`METHODS` by their config name.
+The method this project implements (arXiv 2411.00623), as specified in docs/method.md; its options
+are declared here (``DualLoRA.options``) and documented in ``MethodConfig``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import nn
 
 from duallora import distributed
-from duallora.config import MethodConfig
 from duallora.errors import ConfigError
 from duallora.memory import GramAccumulator, SubspaceMemory, energy_threshold
+from duallora.methods.base import ContinualMethod, Inference, TaskContext
+from duallora.methods.calibration import calibrate
+from duallora.methods.options import (
+    ADAPTED_MODULES,
+    ENERGY_THRESHOLD_END,
+    ENERGY_THRESHOLD_START,
+    RANK_ORTHOGONAL,
+    RIDGE,
+    STAT_IMAGES,
+    TAU_ID,
+    Option,
+    positive_int,
+    probability,
+)
+from duallora.methods.registry import register_method
 from duallora.model import AdaptedViT
 from duallora.signatures import TaskSignatures
 
-Progress = Callable[[Iterable, str], Iterable]
+if TYPE_CHECKING:
+    from duallora.config import MethodConfig
 
 
-@dataclass
-class TaskContext:
-    """What a hook knows about the task at hand.
-
-    Attributes:
-        task: 0-based index of the task.
-        num_classes: C_t, classes of this task.
-        num_tasks: T if known (for the energy-threshold schedule), else None.
-        stats_loader: iterable of ``(images uint8 (B, C, H, W), local labels (B,))`` over the task's
-            training data, without augmentation.
-        device: where the model lives.
-        progress: wraps an iterable with a progress bar: ``progress(iterable, description)``.
-    """
-
-    task: int
-    num_classes: int
-    num_tasks: Optional[int]
-    stats_loader: Iterable
-    device: torch.device
-    progress: Progress
+def _gate_for_features(key: str, value: Any, cfg: Any) -> Optional[str]:
+    """``task_id_features=gate`` reads the shared gate's posterior: only with ``gate=shared``."""
+    if value == "gate" and cfg.gate != "shared":
+        return "method.task_id_features=gate needs method.gate=shared; use task_id_features=final or auto"
+    return None
 
 
-@dataclass
-class Inference:
-    """Output of one forward pass over a batch of B images.
-
-    Attributes:
-        probs: (B, C) probability of each seen class, columns in class-order position.
-        task_posterior: (B, T) probability of each seen task.
-    """
-
-    probs: torch.Tensor
-    task_posterior: torch.Tensor
-
-
-def _class_task_index(sizes: list[int], device: torch.device) -> torch.Tensor:
-    return torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
-
-
-def posterior_from_probs(probs: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    """Sum class probabilities (B, C) per task -> (B, T)."""
-    idx = _class_task_index(sizes, probs.device)
-    out = torch.zeros(probs.shape[0], len(sizes), device=probs.device, dtype=probs.dtype)
-    return out.index_add_(1, idx, probs)
-
-
-class ContinualMethod(nn.Module):
-    """Base class: frozen backbone, one head per task trained on its own classes.
-
-    Args:
-        model: the wrapped backbone; its adapted layers are those the method needs.
-        cfg: the method section of the run config.
-        seed: seeds head (and adapter) initialisation.
-    """
-
-    name = "base"
-    adapted_by_default = True
-
-    def __init__(self, model: AdaptedViT, cfg: MethodConfig, seed: int = 0) -> None:
-        super().__init__()
-        self.model = model
-        self.cfg = cfg
-        self.seed = seed
-        self.tasks_learned = 0
-
-    def task_generator(self, task: int, stream: int = 0) -> torch.Generator:
-        """A generator seeded by (seed, task, stream): initialisations of task t do not depend on
-        what ran before, so a run resumed at task t initialises exactly like an uninterrupted one."""
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + task * 101 + stream)
-
-    # hooks -------------------------------------------------------------------------
-    def begin_task(self, ctx: TaskContext) -> dict:
-        """Prepare task ``ctx.task``: add its head. Returns facts worth logging."""
-        self.model.add_head(ctx.num_classes, self.task_generator(ctx.task))
-        return {}
-
-    def param_groups(self, task: int) -> dict[str, list[nn.Parameter]]:
-        """Trainable parameters for ``task``: ``{"adapters": [...], "head": [...]}``."""
-        return {"adapters": [], "head": list(self.model.heads[task].parameters())}
-
-    def train_logits(self, x: torch.Tensor, task: int) -> torch.Tensor:
-        """Task-local logits (B, C_t) of images ``x`` (B, C, H, W)."""
-        return self.model.head_logits(self.model.features(x), task)
-
-    def end_task(self, ctx: TaskContext) -> dict:
-        """Finish ``ctx.task``: freeze its head. Returns facts worth logging."""
-        for p in self.model.heads[ctx.task].parameters():
-            p.requires_grad_(False)
-        self.tasks_learned = ctx.task + 1
-        return {}
-
-    @torch.no_grad()
-    def infer(self, x: torch.Tensor) -> Inference:
-        """Plain concatenated logits -> softmax; task posterior = class probabilities summed per task."""
-        logits = self.model.head_logits(self.model.features(x))
-        probs = torch.softmax(logits, dim=1)
-        return Inference(probs, posterior_from_probs(probs, self.model.head_sizes))
-
-    # state -------------------------------------------------------------------------
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Everything learned so far, as CPU tensors (heads, adapters, memory, statistics)."""
-        out: dict[str, torch.Tensor] = {}
-        for t, head in enumerate(self.model.heads):
-            out[f"heads.{t}.weight"] = head.weight.detach().cpu().contiguous()
-            out[f"heads.{t}.bias"] = head.bias.detach().cpu().contiguous()
-        for name, layer in self.model.adapted_layers():
-            out.update(layer.adapter_state(f"adapters.{name}."))
-        out["tasks_learned"] = torch.tensor([self.tasks_learned], dtype=torch.int64)
-        return out
-
-    @torch.no_grad()
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Restore :meth:`state_tensors` output into a freshly built method (same config and backbone)."""
-        t = 0
-        while f"heads.{t}.weight" in tensors:
-            head = self.model.add_head(tensors[f"heads.{t}.weight"].shape[0])
-            head.weight.copy_(tensors[f"heads.{t}.weight"])
-            head.bias.copy_(tensors[f"heads.{t}.bias"])
-            head.requires_grad_(False)
-            t += 1
-        for name, layer in self.model.adapted_layers():
-            layer.load_adapter_state(f"adapters.{name}.", tensors)
-        self.tasks_learned = int(tensors["tasks_learned"][0])
-
-
-class Frozen(ContinualMethod):
-    """Reference: frozen backbone, per-task linear heads, plain concatenated logits, no adapters."""
-
-    name = "frozen"
-    adapted_by_default = False
-
-
-class SeqLoRA(ContinualMethod):
-    """Reference: one plain LoRA adapter (rank ``rank_orthogonal``) fine-tuned on each task in turn.
-
-    No memory, no projection, no calibration: it shows what the DualLoRA machinery adds. The LoRA
-    factors keep training across tasks; each task's head is trained during its task only.
-    """
-
-    name = "seq-lora"
-
-    def begin_task(self, ctx: TaskContext) -> dict:
-        if ctx.task == 0 or self.model.adapted and next(iter(self.model.adapted.values())).lora_A is None:
-            gen = self.task_generator(ctx.task, stream=1)
-            for _, layer in self.model.adapted_layers():
-                if layer.lora_A is None:
-                    layer.add_lora(self.cfg.rank_orthogonal, gen)
-        return super().begin_task(ctx)
-
-    def param_groups(self, task: int) -> dict[str, list[nn.Parameter]]:
-        groups = super().param_groups(task)
-        for _, layer in self.model.adapted_layers():
-            assert layer.lora_A is not None and layer.lora_B is not None
-            groups["adapters"] += [layer.lora_A, layer.lora_B]
-        return groups
-
-
+@register_method
 class DualLoRA(ContinualMethod):
     """DualLoRA: orthogonal + residual adapters, subspace memory, dynamic gates, calibrated output.
 
@@ -208,7 +64,8 @@ class DualLoRA(ContinualMethod):
     * ``shared`` (default): one posterior ``p(j | x)`` per image, computed at the first adapted layer
       of block ``gate_layer`` from features that no residual adapter has touched; residual adapters
       sit only in blocks ``>= gate_layer`` and all use it. Its features are the mean tokens entering
-      the first adapted layer of each block ``0..gate_layer``, concatenated. Measured on the default benchmark, this
+      the first adapted layer of each block ``0..gate_layer`` (that has one), concatenated; block
+      indices are the model's (``AdaptedViT.adapted_sites``). Measured on the default benchmark, this
       avoids the self-reinforcing errors of per-layer gates (docs/method.md, "Measured decisions").
     * ``soft`` / ``hard``: every adapted layer computes its own posterior (or its argmax) from its
       own statistics, residual adapters in every block (method.md's literal reading).
@@ -218,16 +75,44 @@ class DualLoRA(ContinualMethod):
     ``p(y | x) = p(task(y) | x) * softmax_{task(y)}(logits)`` (``calibration="product"``).
 
     Raises:
-        ConfigError: ``gate_layer`` outside the backbone's blocks.
+        ConfigError: ``gate_layer`` outside the backbone's blocks, or (``gate=shared``) no adapted
+            layer in blocks ``0..gate_layer``.
     """
 
     name = "duallora"
+    options = {
+        "adapted_modules": ADAPTED_MODULES,
+        "rank_orthogonal": RANK_ORTHOGONAL,
+        "rank_residual": Option(10, "r_r, rank of each task's residual adapter (capped by the memory's dimension)",
+                                check=positive_int, rank=True),
+        "use_orthogonal": Option(True, "ablation switch: train the orthogonal adapter"),
+        "use_residual": Option(True, "ablation switch: train residual adapters (t >= 2)"),
+        "energy_threshold_start": ENERGY_THRESHOLD_START,
+        "energy_threshold_end": ENERGY_THRESHOLD_END,
+        "stat_tokens": Option("all", "tokens that feed the memory's Gram matrices: all | cls", choices=("all", "cls")),
+        "stat_images": STAT_IMAGES,
+        "gate": Option("shared", "dynamic-memory gate type: shared | soft | hard",
+                       choices=("shared", "soft", "hard")),
+        "gate_layer": Option(2, "gate=shared: gate from the mean tokens entering blocks 0..gate_layer; residual "
+                                "adapters in blocks >= gate_layer (negative: counted from the last block)"),
+        "task_id_features": Option("auto", "task posterior used for calibration: auto | gate | final "
+                                           "(auto: gate when gate=shared, else final)",
+                                   choices=("auto", "gate", "final"), check=_gate_for_features),
+        "task_id_score": Option("mahalanobis", "task-identity score: mahalanobis | cosine | subspace",
+                                choices=("mahalanobis", "cosine", "subspace")),
+        "subspace_dims": Option(32, "q, directions per task for task_id_score=subspace", check=positive_int),
+        "tau_id": TAU_ID,
+        "ridge": RIDGE,
+        "calibration": Option("product", "calibrated output: none | product | hard",
+                              choices=("none", "product", "hard")),
+        "confidence_threshold": Option(0.9, "gamma for calibration=hard", check=probability),
+    }
 
     def __init__(self, model: AdaptedViT, cfg: MethodConfig, seed: int = 0) -> None:
         super().__init__(model, cfg, seed)
         names = [n for n, _ in model.adapted_layers()]
-        depth = len(getattr(model.backbone, "blocks"))
-        self.block_of = {n: int(n.split(".")[1]) for n in names}
+        depth = len(model.backbone.blocks)
+        self.block_of = {site.name: site.block for site in model.adapted_sites()}  # from the model, not names
         self.memories = {n: SubspaceMemory(layer.in_features) for n, layer in model.adapted_layers()}
         kw = dict(score=cfg.task_id_score, tau=cfg.tau_id, ridge=cfg.ridge, subspace_dims=cfg.subspace_dims)
         layers = dict(model.adapted_layers())
@@ -236,7 +121,14 @@ class DualLoRA(ContinualMethod):
             if not 0 <= gate_block < depth:
                 raise ConfigError(f"method.gate_layer={cfg.gate_layer} is outside the backbone's {depth} blocks")
             # the gate reads the mean token entering the first adapted layer of blocks 0..gate_block
-            self.gate_inputs = [next(n for n in names if self.block_of[n] == b) for b in range(gate_block + 1)]
+            # (of those blocks that have one: a placement may leave blocks without adapted layers)
+            firsts = {b: next((n for n in names if self.block_of[n] == b), None) for b in range(gate_block + 1)}
+            self.gate_inputs = [n for n in firsts.values() if n is not None]
+            if not self.gate_inputs:
+                raise ConfigError(f"method.gate=shared reads the first adapted layer of blocks 0..{gate_block} "
+                                  f"(method.gate_layer={cfg.gate_layer}), but method.adapted_modules places no "
+                                  f"layer there (adapted blocks: {sorted(set(self.block_of.values()))}); raise "
+                                  "method.gate_layer or adapt an earlier block")
             self.gate_site: Optional[str] = self.gate_inputs[-1]
             self.residual_sites = [n for n in names if self.block_of[n] >= gate_block]
             gate_dim = sum(layers[n].in_features for n in self.gate_inputs)
@@ -266,7 +158,7 @@ class DualLoRA(ContinualMethod):
         ``dynamic`` runs with the inference gating instead of the fixed gates.
         """
         layers = dict(self.model.adapted_layers())
-        G = {n: GramAccumulator(l.in_features, self.cfg.stat_tokens) for n, l in layers.items()} if grams else {}
+        G = {n: GramAccumulator(lay.in_features, self.cfg.stat_tokens) for n, lay in layers.items()} if grams else {}
         acc = {s: TaskSignatures.new_accumulator(ctx.num_classes, self.signatures[s].dim) for s in sites}
         current: dict[str, torch.Tensor] = {}
         gate_parts: dict[str, torch.Tensor] = {}
@@ -307,6 +199,9 @@ class DualLoRA(ContinualMethod):
         return {n: g.gram for n, g in G.items()}, acc
 
     def begin_task(self, ctx: TaskContext) -> dict:
+        """Steps 1-3 of method.md, "Learning task t": a statistics pass (fixed gates: task t on), the
+        orthogonal adapter ``A_o`` outside the memory and, for t >= 2, the residual adapter ``P_t``
+        inside it, then task t's head. Returns ``orthogonal_rank`` / ``residual_rank`` per layer."""
         t = ctx.task
         cfg = self.cfg
         info: dict = {"orthogonal_rank": {}, "residual_rank": {}}
@@ -330,6 +225,7 @@ class DualLoRA(ContinualMethod):
         return info
 
     def param_groups(self, task: int) -> dict[str, list[nn.Parameter]]:
+        """Step 4: the head, ``B_o`` of every adapted layer and task t's residual ``B_t``."""
         groups = super().param_groups(task)
         for _, layer in self.model.adapted_layers():
             if layer.orth_B is not None:
@@ -339,6 +235,10 @@ class DualLoRA(ContinualMethod):
         return groups
 
     def end_task(self, ctx: TaskContext) -> dict:
+        """Steps 5-7: merge ``W <- W + B_o A_o``, freeze task t's adapters and head, grow the memory
+        from a statistics pass of the updated model (energy threshold eps_t), add task t's class
+        statistics at the gate site(s) (and of the final features under the inference gating).
+        Returns ``energy_threshold``, ``memory_added`` and ``memory_size`` per layer."""
         t = ctx.task
         for _, layer in self.model.adapted_layers():
             layer.merge_orthogonal()
@@ -366,6 +266,8 @@ class DualLoRA(ContinualMethod):
 
     # inference -----------------------------------------------------------------------
     def _gate_fn(self, name: str, layer_tasks: list[int]):
+        """Layer ``name``'s gate function: its input (B, N, d_in) -> gates (B, J) of its J residual
+        adapters (tasks ``layer_tasks``), per image (method.md, "Dynamic memory gates")."""
         cfg = self.cfg
         index = torch.tensor(layer_tasks, device=self.model.adapted[name].base.weight.device)
 
@@ -425,6 +327,9 @@ class DualLoRA(ContinualMethod):
 
     @torch.no_grad()
     def infer(self, x: torch.Tensor) -> Inference:
+        """One forward pass (method.md, "Inference: one forward pass"): residual adapters gated per
+        image, the task posterior (B, T) from the shared gate or the final features, and the output
+        calibrated with it (:func:`~duallora.methods.calibration.calibrate`)."""
         feats = self._dynamic_features(x)
         if self.task_id_features == "gate":
             posterior = self._shared
@@ -439,6 +344,7 @@ class DualLoRA(ContinualMethod):
 
     # state ---------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Heads and adapters (base class), the memory bases and the task signatures."""
         out = super().state_tensors()
         for name, mem in self.memories.items():
             out[f"memory.{name}.basis"] = mem.state()
@@ -452,58 +358,3 @@ class DualLoRA(ContinualMethod):
             mem.load(tensors[f"memory.{name}.basis"])
         for site, sig in self.signatures.items():
             sig.load(f"signatures.{site}.", tensors)
-
-
-def calibrate(logits: torch.Tensor, posterior: torch.Tensor, sizes: list[int], mode: str,
-              threshold: float = 0.9) -> torch.Tensor:
-    """Calibrated class probabilities (method.md, "Calibrated output").
-
-    Args:
-        logits: (B, C) concatenated head logits, classes grouped by task in task order.
-        posterior: (B, T) task posterior p(j | x).
-        sizes: classes per task, ``sum(sizes) == C``.
-        mode: ``none`` (softmax over all logits), ``product``
-            (``p(task(y) | x) * softmax over the classes of task(y)``), or ``hard`` (when
-            ``max_j p(j | x) >= threshold``, only the predicted task's classes keep probability
-            (its within-task softmax); otherwise ``product``).
-
-    Returns:
-        (B, C) probabilities; rows sum to 1.
-
-    Raises:
-        ValueError: unknown mode.
-    """
-    if mode == "none":
-        return torch.softmax(logits, dim=1)
-    if mode not in ("product", "hard"):
-        raise ValueError(f"unknown calibration {mode!r}")
-    if len(set(sizes)) == 1:  # equal task sizes: one softmax over a (B, T, C_t) view
-        B, T = logits.shape[0], len(sizes)
-        within3 = torch.softmax(logits.reshape(B, T, sizes[0]), dim=2)
-        within = within3.view(B, -1)
-        if mode == "product":
-            return (within3 * posterior[:, :, None]).view(B, -1)
-    else:
-        within = torch.cat([torch.softmax(chunk, dim=1) for chunk in logits.split(sizes, dim=1)], dim=1)
-    idx = _class_task_index(sizes, logits.device)
-    probs = within * posterior[:, idx]
-    if mode == "hard":
-        conf, pred = posterior.max(dim=1)
-        sure = conf >= threshold
-        hard = within * (idx[None, :] == pred[:, None]).to(within.dtype)
-        probs = torch.where(sure[:, None], hard, probs)
-    return probs
-
-
-METHODS: dict[str, type[ContinualMethod]] = {m.name: m for m in (DualLoRA, Frozen, SeqLoRA)}
-# the baselines (InfLoRA, SD-LoRA, L2P, SimpleCIL, FeCAM, joint) register themselves in METHODS
-from duallora import baselines as _baselines  # noqa: E402,F401
-
-
-def build_method(model: AdaptedViT, cfg: MethodConfig, seed: int = 0) -> ContinualMethod:
-    """Instantiate the method named ``cfg.name``.
-
-    Raises:
-        KeyError: unknown name (the config validation rejects it earlier with a clear message).
-    """
-    return METHODS[cfg.name](model, cfg, seed)
