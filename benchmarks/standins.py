@@ -32,6 +32,9 @@ PRESETS = {
     "imagenet_a_10tasks.yaml": "imagenet-a",
     "domainnet_5tasks.yaml": "domainnet",
     "cub200_10tasks.yaml": "cub200",
+    "tiny_imagenet_5tasks.yaml": "tiny-imagenet",
+    "tiny_imagenet_10tasks.yaml": "tiny-imagenet",
+    "tiny_imagenet_20tasks.yaml": "tiny-imagenet",
 }
 
 
@@ -58,7 +61,7 @@ def command(preset: str, root: Path, weights: Path, output: Path) -> list[str]:
     return [sys.executable, "-m", "duallora", "run", "--config", str(ROOT / "configs" / preset), "--output",
             str(output), "--overwrite", f"data.root={root}", "backbone.name=vit_tiny_patch7_28.duallora_mnist",
             f"backbone.weights={weights}", "data.num_tasks=2", "train.epochs=1", "train.batch_size=8",
-            "train.threads=1", "train.progress=false"]
+            "train.threads=1", "train.progress=false"] + (["data.classes=null"] if "tiny_imagenet" in preset else [])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -231,7 +231,7 @@ def test_existing_configs_adapt_the_same_layers_as_before(arch):
 
     model, info = backbone()
     depth = len(model.blocks)
-    shipped = {tuple(yaml.safe_load(p.read_text())["method"].get("adapted_modules", ["qkv"]))
+    shipped = {tuple((yaml.safe_load(p.read_text()).get("method") or {}).get("adapted_modules", ["qkv"]))
                for p in sorted((ROOT / "configs").glob("*.yaml"))}
     combos = {c for k in range(1, 5) for c in itertools.permutations(BUILTIN, k)} | shipped
     for combo in sorted(combos):
