@@ -113,3 +113,35 @@ def test_cli_pretrain_vit_recipe(root, tmp_path):
     assert rec["name"] == "vit_test.cli" and rec["epochs"] == 1 and rec["recipe"]["embed_dim"] == 16
     bad = CliRunner().invoke(app, ["pretrain", "--recipe", "mnist", "epochs=2"])
     assert bad.exit_code == 2 and "takes no KEY=VALUE" in bad.output
+
+
+def test_shipped_tiny_imagenet_backbone_record_matches_file():
+    from duallora import backbones
+
+    spec = backbones.SHIPPED[backbones.TINY_IMAGENET_NAME]
+    if not spec.weights.is_file():
+        pytest.skip("the Tiny-ImageNet backbone is not shipped yet (duallora pretrain --recipe vit)")
+    rec = backbones.shipped_record(backbones.TINY_IMAGENET_NAME)
+    assert rec["sha256"] == file_sha256(spec.weights) and rec["name"] == spec.name
+    assert rec["architecture"] == spec.arch and tuple(rec["mean"]) == spec.mean and tuple(rec["std"]) == spec.std
+    from duallora.data.tiny_imagenet_classes import PRETRAIN_WNIDS
+
+    assert rec["classes"] == list(PRETRAIN_WNIDS)  # pre-trained on the pre-training half only
+    model, info = backbones.create_backbone(spec.name)
+    assert info.input_size == (3, 32, 32) and model.forward_features(torch.zeros(1, 3, 32, 32)).shape == (1, 65, 192)
+
+
+def test_resume_accepts_moved_data(root, tmp_path):
+    import shutil
+
+    recipe = tiny_recipe(root, epochs=2)
+    out = tmp_path / "m.safetensors"
+    pretrain_vit(recipe, out, device="cpu", precision="fp32", progress=False, stop_after_epoch=1)
+    moved = tmp_path / "moved"
+    shutil.copytree(root, moved)
+    rec = pretrain_vit(tiny_recipe(moved, epochs=2), out, device="cpu", precision="fp32", progress=False)
+    assert rec["epochs"] == 2 and len(rec["top1_per_epoch"]) == 2  # continued, not restarted
+    pretrain_vit(recipe, tmp_path / "m2.safetensors", device="cpu", precision="fp32", progress=False,
+                 stop_after_epoch=1)
+    with pytest.raises(TrainingError, match="lr: checkpoint 0.001, given 0.005"):  # the difference is named
+        pretrain_vit(tiny_recipe(root, epochs=2, lr=5e-3), tmp_path / "m2.safetensors", device="cpu", progress=False)

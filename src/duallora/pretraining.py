@@ -414,9 +414,13 @@ def pretrain_vit(
     ckpt = checkpoint_path(output)
     if resume and ckpt.is_file():
         saved = torch.load(ckpt, map_location="cpu", weights_only=False)
-        if saved.get("recipe") != recipe.to_dict():
+        held = {k: v for k, v in saved.get("recipe", {}).items() if k != "root"}  # the data may have moved
+        given = {k: v for k, v in recipe.to_dict().items() if k != "root"}
+        if held != given:
+            diff = ", ".join(f"{k}: checkpoint {held.get(k)!r}, given {given.get(k)!r}"
+                             for k in sorted(set(held) | set(given)) if held.get(k) != given.get(k))
             raise TrainingError(
-                f"{ckpt} belongs to another recipe; delete it to start over, or run with the recipe it holds"
+                f"{ckpt} belongs to another recipe ({diff}); run with the recipe it holds, or delete it to start over"
             )
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
