@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -29,6 +28,7 @@ from torch import nn
 
 from duallora import backbones
 from duallora.errors import TrainingError
+from duallora.pretraining import atomic_write
 
 WEIGHT_DECAY = 0.05
 WARMUP_FRACTION = 0.05
@@ -100,17 +100,6 @@ def _subset(dataset: Any, per_class: Optional[int], seed: int) -> tuple[torch.Te
     return images[sel], targets[sel]
 
 
-def _atomic_write_bytes(path: Path, write: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # safetensors creates 0600 files; shipped files must be readable
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def pretrain(
     output: Path | str,
     *,
@@ -178,7 +167,7 @@ def pretrain(
                      epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, last_loss=last_loss, acc=acc,
                      start=start)
     json_path = output.with_suffix(".json")
-    _atomic_write_bytes(json_path, lambda p: p.write_text(json.dumps(record, indent=2) + "\n"))
+    atomic_write(json_path, lambda p: p.write_text(json.dumps(record, indent=2) + "\n"))
     if progress:
         print(f"pretrain: test accuracy {acc:.2f}% -> {output} (sha256 {record['sha256'][:12]}...)")
     return record
@@ -264,7 +253,7 @@ def _save_weights(output: Path, state16: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(
+    atomic_write(
         output, lambda p: save_file(state16, str(p), metadata={"name": backbones.SHIPPED_NAME})
     )
 

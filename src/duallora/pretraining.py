@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from duallora.devices import select_device
 from duallora.errors import TrainingError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -236,19 +237,6 @@ def build_vit(recipe: PretrainRecipe, drop_path: float = 0.0) -> nn.Module:
     return VisionTransformer(num_classes=0, drop_path_rate=drop_path, **recipe.architecture())
 
 
-def _select_device(device: str) -> torch.device:
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError as exc:
-        raise TrainingError(f"unknown device {device!r}; use auto, cpu, cuda or mps") from exc
-
-
 def _autocast(device: torch.device, precision: str):
     import contextlib
 
@@ -284,7 +272,11 @@ def evaluate_top1(model: nn.Module, dataset: Any, recipe: PretrainRecipe, device
 # ------------------------------------------------------------------------------------ checkpoints
 
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write ``path`` atomically: ``write(tmp)`` into a temporary file beside it, then rename.
+
+    The file is made readable by everyone (safetensors creates 0600 files; shipped weights must be
+    readable); the temporary file never remains, also when ``write`` fails."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         write(tmp)
@@ -383,7 +375,7 @@ def pretrain_vit(
     output = Path(output)
     if threads is not None:
         torch.set_num_threads(int(threads))
-    dev = _select_device(device)
+    dev = select_device(device)
     train, test = _load_data(recipe)
     torch.manual_seed(recipe.seed)
     model = _Classifier(build_vit(recipe, recipe.drop_path), len(train.classes)).to(dev)
@@ -472,7 +464,7 @@ def pretrain_vit(
         state["top1"].append(round(top1, 2))
         state["loss"].append(round(running, 4))
         state["wall"] += time.time() - t0
-        _atomic(ckpt, lambda p: torch.save(
+        atomic_write(ckpt, lambda p: torch.save(
             {"version": CHECKPOINT_VERSION, "recipe": recipe.to_dict(), "model": model.state_dict(),
              "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
              "state": state}, p))
@@ -485,7 +477,7 @@ def pretrain_vit(
     state16 = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in model.backbone.state_dict().items()}
     model.backbone.load_state_dict({k: v.float() for k, v in state16.items()})
     top1 = evaluate_top1(model, test, recipe, dev, "fp32")
-    _atomic(output, lambda p: save_file(state16, str(p), metadata={"name": recipe.name}))
+    atomic_write(output, lambda p: save_file(state16, str(p), metadata={"name": recipe.name}))
     from duallora.backbones import file_sha256
 
     record: dict[str, Any] = {
@@ -511,7 +503,7 @@ def pretrain_vit(
         "torch_version": torch.__version__,
         "timm_version": timm.__version__,
     }
-    _atomic(output.with_suffix(".json"), lambda p: p.write_text(json.dumps(record, indent=2) + "\n"))
+    atomic_write(output.with_suffix(".json"), lambda p: p.write_text(json.dumps(record, indent=2) + "\n"))
     ckpt.unlink(missing_ok=True)
     if progress:
         print(f"pretrain: top-1 {top1:.2f}% -> {output} (sha256 {record['sha256'][:12]}...)", flush=True)
