@@ -219,6 +219,11 @@ class BenchmarkSource(DataSource):
             raise self.layout_error(f"data.root={root!r} does not exist or is not a folder")
         return base
 
+    def index_from_given_lists(self, base: Path, split_train: list[str], split_test: list[str]) -> Index:
+        """Both splits from the lists given as ``data.split_train`` / ``data.split_test`` (file lists)."""
+        label = "split lists " + ", ".join(Path(f).name for f in split_train + split_test)
+        return self.index_from_lists(base, split_train, split_test, "files", label)
+
     def index_from_lists(self, base: Path, train_files: list[str], test_files: list[str], kind: str,
                          label: str) -> Index:
         """Both splits from split list files (labels from the lists, :func:`labels_from_lists`)."""

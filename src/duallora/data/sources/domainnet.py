@@ -56,8 +56,7 @@ class DomainNet(BenchmarkSource):
                     test_fraction: float) -> Index:
         base = self.need_root(root)
         if split_train or split_test:
-            label = "split lists " + ", ".join(Path(f).name for f in split_train + split_test)
-            return self.index_from_lists(base, split_train, split_test, "files", label)
+            return self.index_from_given_lists(base, split_train, split_test)
         present = {d: ((base / f"{d}_train.txt").is_file(), (base / f"{d}_test.txt").is_file())
                    for d in DOMAINNET_DOMAINS}
         missing = [f"{d}_{s}.txt" for d, (tr, te) in present.items() for s, ok in (("train", tr), ("test", te))

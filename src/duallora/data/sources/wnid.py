@@ -125,8 +125,7 @@ class WnidSource(BenchmarkSource):
                     test_fraction: float) -> Index:
         base = self.need_root(root)
         if split_train or split_test:
-            label = "split lists " + ", ".join(Path(f).name for f in split_train + split_test)
-            return self.index_from_lists(base, split_train, split_test, "files", label)
+            return self.index_from_given_lists(base, split_train, split_test)
         if (base / "train").is_dir() and (base / "test").is_dir():
             return self._index_folders(base)
         return self._index_stratified(base, seed, test_fraction)
