@@ -78,7 +78,8 @@ def test_killed_and_resumed_gives_the_same_weights(root, tmp_path):
 
 @pytest.mark.parametrize("change, match", [
     (dict(epochs=0), "epochs"), (dict(lr=float("nan")), "lr"), (dict(image_size=10), "multiple of patch_size"),
-    (dict(crop_scale=(0.5, 0.2)), "crop_scale"),
+    (dict(crop_scale=(0.5, 0.2)), "crop_scale"), (dict(train_per_class=0), "train_per_class"),
+    (dict(test_per_class=0), "test_per_class"),
 ])
 def test_bad_recipes_are_refused(root, tmp_path, change, match):
     with pytest.raises(TrainingError, match=match):
@@ -145,3 +146,48 @@ def test_resume_accepts_moved_data(root, tmp_path):
                  stop_after_epoch=1)
     with pytest.raises(TrainingError, match="lr: checkpoint 0.001, given 0.005"):  # the difference is named
         pretrain_vit(tiny_recipe(root, epochs=2, lr=5e-3), tmp_path / "m2.safetensors", device="cpu", progress=False)
+
+
+def test_init_from_continues_an_earlier_run(root, tmp_path):
+    first = tmp_path / "a" / "w.safetensors"
+    rec1 = pretrain_vit(tiny_recipe(root, epochs=2), first, device="cpu", precision="fp32", progress=False)
+    # a one-epoch cycle over it starts from its weights
+    second = tmp_path / "b" / "w.safetensors"
+    started = {}
+
+    import duallora.pretraining as pt
+
+    real = pt._load_init
+
+    def spy(backbone, recipe):
+        out = real(backbone, recipe)
+        started.update({k: v.clone() for k, v in backbone.state_dict().items()})
+        return out
+
+    pt._load_init = spy
+    try:
+        rec2 = pretrain_vit(tiny_recipe(root, epochs=1, init_from=str(first), seed=1), second, device="cpu",
+                            precision="fp32", progress=False)
+    finally:
+        pt._load_init = real
+    held = load_file(str(first))
+    assert all(torch.equal(started[k], held[k].float()) for k in held)  # training began at the earlier weights
+    assert rec2["epochs"] == 3 and rec2["cycle_epochs"] == 1
+    assert rec2["wall_time_s"] == pytest.approx(rec1["wall_time_s"] + rec2["cycle_wall_time_s"], abs=0.11)
+    assert rec2["continues"]["sha256"] == rec1["sha256"] and rec2["continues"]["top1"] == rec1["top1"]
+    # another architecture is refused, naming both
+    with pytest.raises(TrainingError, match="embed_dim"):
+        pretrain_vit(tiny_recipe(root, epochs=1, init_from=str(first), embed_dim=32), tmp_path / "c" / "w.safetensors",
+                     device="cpu", precision="fp32", progress=False)
+    with pytest.raises(TrainingError, match="is not a file"):
+        tiny_recipe(root, init_from=str(tmp_path / "missing.safetensors")).validate()
+
+
+def test_recipe_values_are_numbers_of_their_kind():
+    from duallora.pretraining import recipe_from_settings
+
+    r = recipe_from_settings(["lr=5e-4", "epochs=6", "warmup_epochs=1"])
+    assert r.lr == 5e-4 and isinstance(r.lr, float) and r.epochs == 6 and isinstance(r.warmup_epochs, float)
+    for bad in ("depth=abc", "epochs=2.5", "lr=nan", "lr=.inf", "depth=true"):
+        with pytest.raises(TrainingError, match="expected"):
+            recipe_from_settings([bad])

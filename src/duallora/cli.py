@@ -270,8 +270,9 @@ def evaluate(
     overrides: Optional[List[str]] = typer.Argument(
         None, metavar="[KEY=VALUE]...",
         help="Overrides that do not change the model: train.eval_batch_size, train.threads, train.device, "
-        "train.precision, train.progress, data.root, data.num_workers "
-        "(e.g. train.device=cuda train.eval_batch_size=1024)."),
+        "train.precision, train.progress, data.root, data.num_workers, data.evaluate_on "
+        "(e.g. train.device=cuda train.eval_batch_size=1024; data.evaluate_on=test gives the test numbers "
+        "of a run evaluated on validation)."),
     checkpoint: Path = typer.Option(
         ..., "--checkpoint", help="Run folder, its checkpoints/ folder or one task_K.safetensors file."),
     data_root: Optional[str] = typer.Option(None, "--data-root", help="Data folder if it moved since the run."),
@@ -293,6 +294,8 @@ def evaluate(
 
     if output is not None and (output.is_dir() or output.name == "metrics.json"):
         raise ConfigError(f"--output {output} must be a new JSON file (not a folder, not a run's metrics.json)")
+    if output is not None and output.exists():
+        raise ConfigError(f"--output {output} already exists; give a new file name (nothing is overwritten)")
     values = inference_overrides(overrides or [])
     if "data.root" in values:  # the same as --data-root
         root = values.pop("data.root")
@@ -304,6 +307,9 @@ def evaluate(
     extra = {"overrides": values} if values else {}
     metrics = evaluate_checkpoints(checkpoint, echo=typer.echo, progress=progress, data_root=data_root, **extra)
     typer.echo(format_metrics_table(metrics))
+    if metrics.get("matches_stored_record") is None and "data.evaluate_on" in values:
+        typer.echo(f"evaluated on the {metrics['evaluated_on']} split, not the run's own: "
+                   "nothing stored to compare with")
     diff = metrics.get("max_difference_to_metrics_json")
     if diff is not None:
         if diff < 1e-9:
@@ -364,6 +370,9 @@ def predict(
         raise ConfigError(f"--format {fmt} is not supported; use csv or json")
     if output is not None and output.is_dir():
         raise ConfigError(f"--output {output} is a folder; give a file name, e.g. {output / ('predictions.' + fmt)}")
+    if output is not None and output.exists() and output.suffix.lower() not in (".csv", ".json", ".tsv", ".txt"):
+        raise ConfigError(f"--output {output} exists and is not a .csv/.json table (a checkpoint or an image?); "
+                          "give a new file name (nothing was overwritten)")
     found = find_images(images)
     predictor = load_predictor(checkpoint, device=device, threads=threads, precision=precision, batch_size=batch_size)
     for warning in predictor.warnings:

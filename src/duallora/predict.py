@@ -47,6 +47,7 @@ EVALUATE_OVERRIDE_KEYS = (
     "train.progress",
     "data.root",
     "data.num_workers",
+    "data.evaluate_on",
 )
 
 

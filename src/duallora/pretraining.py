@@ -58,6 +58,11 @@ class PretrainRecipe:
         mean, std: input normalisation of images in [0, 1].
         seed: seeds the initialisation, the batch order and every augmentation draw.
         train_per_class, test_per_class: caps per class (quick runs); None = all.
+        init_from: None (random initialisation), or a backbone ``.safetensors`` file (its ``.json``
+            record beside it, as this function writes) whose weights start the run: a further
+            warm-up + cosine cycle of ``epochs`` epochs over an earlier run (a warm restart, Loshchilov
+            & Hutter 2017). The classifier head starts anew (backbone files hold no head); the output
+            record keeps the earlier run's record under ``"continues"`` and sums the epochs and wall times.
     """
 
     name: str = "vit_tiny_patch4_32.duallora_tinyimagenet100"
@@ -89,6 +94,7 @@ class PretrainRecipe:
     seed: int = 0
     train_per_class: Optional[int] = None
     test_per_class: Optional[int] = None
+    init_from: Optional[str] = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def architecture(self) -> dict[str, Any]:
@@ -113,10 +119,14 @@ class PretrainRecipe:
             (self.image_size % self.patch_size == 0, "image_size must be a multiple of patch_size"),
             (self.embed_dim % self.num_heads == 0, "embed_dim must be a multiple of num_heads"),
             (self.mixup >= 0 and self.cutmix >= 0, "mixup and cutmix must be >= 0"),
+            (self.train_per_class is None or self.train_per_class >= 1, "train_per_class must be >= 1 or null"),
+            (self.test_per_class is None or self.test_per_class >= 1, "test_per_class must be >= 1 or null"),
+            (self.init_from is None or Path(self.init_from).is_file(),
+             f"init_from={self.init_from!r} is not a file; give a backbone .safetensors file or null"),
         ]
         for ok, message in checks:
             if not ok:
-                raise TrainingError(f"pretraining recipe: {message} (got {self.to_dict()})")
+                raise TrainingError(f"pretraining recipe: {message}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -155,10 +165,34 @@ def recipe_from_settings(settings: list[str], base: Optional[PretrainRecipe] = N
     for key in ("crop_scale", "crop_ratio", "randaugment", "mean", "std"):
         if isinstance(values[key], list):
             values[key] = tuple(values[key])
+    values = {k: _coerce(k, v) for k, v in values.items()}
     try:
         return PretrainRecipe(**values)
     except TypeError as exc:
         raise TrainingError(f"pretraining settings: {exc}") from exc
+
+
+_NUMERIC_KEYS = {f.name: type(f.default) for f in __import__("dataclasses").fields(PretrainRecipe)
+                 if type(f.default) in (int, float) and not isinstance(f.default, bool)}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """``value`` as the number the recipe field ``key`` holds (YAML reads ``5e-4`` as a string).
+
+    Raises:
+        TrainingError: a numeric field given something that is not a finite number of its kind.
+    """
+    kind = _NUMERIC_KEYS.get(key)
+    if kind is None or value is None:
+        return value
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number) or (kind is int and number != int(number)):
+        wanted = "an integer" if kind is int else "a finite number"
+        raise TrainingError(f"pretraining setting {key}={value!r}: expected {wanted}")
+    return int(number) if kind is int else number
 
 
 # ------------------------------------------------------------------------------------ augmentation
@@ -316,7 +350,8 @@ def _load_data(recipe: PretrainRecipe) -> tuple[Any, Any]:
         from duallora.data.sources.tiny_imagenet import load_tiny_imagenet
 
         if recipe.root is None:
-            raise TrainingError("tiny-imagenet needs its archive or folder: pass --root PATH")
+            raise TrainingError("tiny-imagenet needs its archive or folder: add the recipe setting root=PATH "
+                                "(e.g. root=../shared/data/tiny-imagenet-200-32px.zip)")
         kw = dict(classes=recipe.classes, image_size=size, channels=recipe.channels)
         train = load_tiny_imagenet("train", recipe.root, **kw)
         test = load_tiny_imagenet("test", recipe.root, **kw)
@@ -379,6 +414,7 @@ def pretrain_vit(
     train, test = _load_data(recipe)
     torch.manual_seed(recipe.seed)
     model = _Classifier(build_vit(recipe, recipe.drop_path), len(train.classes)).to(dev)
+    earlier = _load_init(model.backbone, recipe) if recipe.init_from is not None else None
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "pos_embed" not in n)]
     opt = torch.optim.AdamW(
@@ -503,11 +539,44 @@ def pretrain_vit(
         "torch_version": torch.__version__,
         "timm_version": timm.__version__,
     }
+    if earlier is not None:
+        record["cycle_epochs"] = recipe.epochs
+        record["cycle_wall_time_s"] = record["wall_time_s"]
+        record["epochs"] = recipe.epochs + int(earlier.get("epochs", 0))
+        record["wall_time_s"] = round(record["wall_time_s"] + float(earlier.get("wall_time_s", 0.0)), 1)
+        record["continues"] = {k: v for k, v in earlier.items() if k not in ("classes", "class_names")}
     atomic_write(output.with_suffix(".json"), lambda p: p.write_text(json.dumps(record, indent=2) + "\n"))
     ckpt.unlink(missing_ok=True)
     if progress:
         print(f"pretrain: top-1 {top1:.2f}% -> {output} (sha256 {record['sha256'][:12]}...)", flush=True)
     return record
+
+
+def _load_init(backbone: nn.Module, recipe: PretrainRecipe) -> dict[str, Any]:
+    """Load ``recipe.init_from``'s weights into ``backbone``; return the earlier run's JSON record.
+
+    Raises:
+        TrainingError: the file's tensors do not fit the recipe's architecture, or its record is
+            missing or of another architecture.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(str(recipe.init_from))
+    rec_path = path.with_suffix(".json")
+    if not rec_path.is_file():
+        raise TrainingError(f"init_from: {path} has no record {rec_path} beside it (written by duallora pretrain)")
+    earlier = json.loads(rec_path.read_text())
+    if earlier.get("architecture") != recipe.architecture():
+        raise TrainingError(
+            f"init_from: {path} is a {earlier.get('architecture')} backbone, the recipe builds "
+            f"{recipe.architecture()}; set the recipe's image_size/patch_size/embed_dim/depth/num_heads to match"
+        )
+    state = {k: v.float() for k, v in load_file(str(path)).items()}
+    try:
+        backbone.load_state_dict(state)
+    except RuntimeError as exc:
+        raise TrainingError(f"init_from: {path} does not fit the recipe's architecture ({exc})") from exc
+    return earlier
 
 
 def _data_sha256(recipe: PretrainRecipe) -> Optional[str]:

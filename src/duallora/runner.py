@@ -572,9 +572,17 @@ def evaluate_checkpoints(path: Path, *, echo: Echo = print, progress: bool = Tru
     else:
         R = build_matrix(rows)
     out = compute_metrics(R, sizes, task_id_accuracy=task_ids[-1])
-    out["matches_stored_record"] = bool(stored_rows) and np.allclose(rows[-1], stored_rows[-1])
-    # the run's metrics.json, when there is one: the whole re-evaluated matrix against the stored one
-    out["max_difference_to_metrics_json"] = _difference_to_metrics_json(files[-1].parent.parent / "metrics.json", R)
+    stored_split = meta["config"]["data"].get("evaluate_on", "test")
+    split = (overrides or {}).get("data.evaluate_on", stored_split)
+    out["evaluated_on"] = split
+    if split != stored_split:  # another split than the run's: nothing stored to compare with
+        out["matches_stored_record"] = None
+        out["max_difference_to_metrics_json"] = None
+    else:
+        out["matches_stored_record"] = bool(stored_rows) and np.allclose(rows[-1], stored_rows[-1])
+        # the run's metrics.json, when there is one: the whole re-evaluated matrix against the stored one
+        out["max_difference_to_metrics_json"] = _difference_to_metrics_json(
+            files[-1].parent.parent / "metrics.json", R)
     out["accuracy_matrix"] = [[None if np.isnan(v) else float(v) for v in row] for row in R]
     out["task_id_accuracy_after_task"] = task_ids
     out["checkpoints"] = [str(f) for f in files]

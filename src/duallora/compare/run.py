@@ -149,6 +149,22 @@ def _run_selected(result: CompareResult, selected: Sequence[PlannedRun], derive:
         rewrite_summary()
 
 
+def _select(result: CompareResult, spec: CompareSpec, output: Path, echo: Echo) -> None:
+    """Choose each ``select`` group's variant on validation and evaluate it on test (selection.md)."""
+    from duallora.compare.select import select_and_test
+
+    seeds = sorted({p.seed for p in result.planned}, key=[p.seed for p in result.planned].index)
+    record = select_and_test(output, spec, seeds, result.metrics, echo)  # raises: the runs stay, reused next time
+    for group, e in record["groups"].items():
+        if e["chosen"] is None:
+            echo(f"select {group}: waiting for all candidates to finish")
+        else:
+            t = e["test"]["final_accuracy"]["mean"]
+            echo(f"select {group}: {e['chosen']} (validation {record['metric']} "
+                 f"{e['candidates'][e['chosen']]['mean']:.2f}), test final accuracy {t:.2f}")
+    echo(f"selection in {output / 'selection.md'}")
+
+
 def run_compare(spec: CompareSpec, output: str | Path, *, seeds: Optional[Sequence[int]] = None,
                 extra_overrides: Sequence[str] = (), only: Sequence[str] = (), overwrite: bool = False,
                 dry_run: bool = False, echo: Echo = print, verbose: bool = False,
@@ -206,6 +222,8 @@ def run_compare(spec: CompareSpec, output: str | Path, *, seeds: Optional[Sequen
 
         rewrite_summary()
         _run_selected(result, selected, derive, echo, verbose, rewrite_summary)
+        if spec.selection is not None:
+            _select(result, spec, output, echo)
     done = len(result.metrics)
     echo(f"{done} of {len(planned)} runs finished ({len(result.ran)} run now); summary in {output / 'summary.md'}")
     return result

@@ -10,13 +10,18 @@ A *compare spec* (YAML, e.g. ``configs/compare/default.yaml``) names variants, e
       duallora: []
       frozen: [method.name=frozen]
       custom: {config: my.yaml, overrides: [method.gate=soft]}
+    select:                          # optional: choose among variants on validation data
+      metric: final_accuracy
+      groups: {duallora: [duallora, duallora-lr1e-3]}
 
 :func:`load_spec` reads and checks the file (:func:`spec_from_methods` builds a spec from
 ``--methods``); :func:`compose_all` turns a spec, the seeds and the command line's overrides into one
 validated :class:`~duallora.config.RunConfig` per variant x seed, with the very function
 ``duallora run`` uses (:func:`duallora.config.load_config`), so a typo in the last variant fails at
 once. Override order, later wins: the spec's ``overrides``, the variant's own overrides, the command
-line's overrides, then ``seed``.
+line's overrides, then ``seed``. A variant named in ``select.groups`` is then run with
+``data.evaluate_on=validation`` (:func:`compose`); :mod:`duallora.compare.select` picks each group's
+best variant by its validation metric and evaluates only that one's checkpoints on the test split.
 """
 
 from __future__ import annotations
@@ -33,7 +38,12 @@ from duallora.errors import ConfigError
 Echo = Callable[[str], None]
 
 #: Keys a compare spec may have at its top level.
-SPEC_KEYS = ("config", "seeds", "overrides", "variants")
+SPEC_KEYS = ("config", "seeds", "overrides", "variants", "select")
+#: Keys of the ``select:`` section.
+SELECT_KEYS = ("metric", "groups")
+#: Metrics a selection may rank by, and whether higher is better.
+SELECT_METRICS = {"final_accuracy": True, "average_incremental_accuracy": True, "forgetting": False,
+                  "task_id_accuracy": True}
 #: Keys of a variant given as a mapping.
 VARIANT_KEYS = ("config", "overrides")
 #: A variant name is a folder name: letters, digits, ``-``, ``_``, ``.``; not starting with ``.`` or ``-``.
@@ -56,6 +66,28 @@ class Variant:
 
 
 @dataclass(frozen=True)
+class Selection:
+    """Choose among variants on validation data, report the chosen one on the test data.
+
+    Attributes:
+        groups: group name -> candidate variant names (each candidate is in one group only). Every
+            candidate runs with ``data.evaluate_on=validation``; the group's choice is the candidate
+            with the best mean ``metric`` over the seeds (the first listed on a tie).
+        metric: one of :data:`SELECT_METRICS` (validation numbers of the candidates' ``metrics.json``).
+    """
+
+    groups: tuple[tuple[str, tuple[str, ...]], ...]
+    metric: str = "final_accuracy"
+
+    def group_of(self, variant: str) -> Optional[str]:
+        """The group ``variant`` is a candidate of, or None."""
+        for name, members in self.groups:
+            if variant in members:
+                return name
+        return None
+
+
+@dataclass(frozen=True)
 class CompareSpec:
     """A parsed, checked compare spec.
 
@@ -65,6 +97,7 @@ class CompareSpec:
         overrides: ``key=value`` overrides applied to every variant (before the variant's own).
         config: base config file of every variant without its own; None = the defaults.
         source: the spec file, None when built from ``--methods``.
+        selection: the ``select:`` section, or None (every variant evaluated on ``data.evaluate_on``).
     """
 
     variants: tuple[Variant, ...]
@@ -72,6 +105,7 @@ class CompareSpec:
     overrides: tuple[str, ...] = ()
     config: Optional[Path] = None
     source: Optional[Path] = None
+    selection: Optional[Selection] = None
 
 
 def spec_origin(source: Optional[Path]) -> str:
@@ -237,6 +271,46 @@ def _parse_variant(name: Any, value: Any, base: Path, where: str) -> Variant:
     return Variant(name=name, overrides=vover, config=vconfig)
 
 
+def _parse_selection(raw: Any, variants: Sequence[str], where: str) -> Selection:
+    """The ``select:`` section.
+
+    Raises:
+        ConfigError: not a mapping, an unknown key or metric, an empty or unknown group member, a
+            variant in two groups, a group name that is not folder-safe.
+    """
+    example = "e.g. `select: {metric: final_accuracy, groups: {duallora: [duallora, duallora-lr1e-3]}}`"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"`select` in {where} must be a mapping with keys {', '.join(SELECT_KEYS)}; {example}")
+    bad = [k for k in raw if k not in SELECT_KEYS]
+    if bad:
+        raise ConfigError(f"unknown key {bad[0]!r} in `select` of {where}; allowed: {', '.join(SELECT_KEYS)}")
+    metric = raw.get("metric", "final_accuracy")
+    if metric not in SELECT_METRICS:
+        raise ConfigError(f"`select.metric` in {where} is {metric!r}; choose one of {', '.join(SELECT_METRICS)}")
+    groups_raw = raw.get("groups")
+    if not isinstance(groups_raw, dict) or not groups_raw:
+        raise ConfigError(f"`select.groups` in {where} must be a non-empty mapping group -> variant names; {example}")
+    seen: dict[str, str] = {}
+    groups = []
+    for gname, members in groups_raw.items():
+        check_name(gname, f"`select.groups` of {where}")
+        if isinstance(members, str):
+            members = [members]
+        if not isinstance(members, (list, tuple)) or not members:
+            raise ConfigError(f"group {gname!r} in `select.groups` of {where} must list at least one variant")
+        for m in members:
+            if m not in variants:
+                raise ConfigError(f"group {gname!r} in `select.groups` of {where} names {m!r}, which is not a "
+                                  f"variant; variants: {', '.join(variants)}")
+            if m in seen:
+                raise ConfigError(f"variant {m!r} is in groups {seen[m]!r} and {gname!r} of `select.groups` in "
+                                  f"{where}; a variant is a candidate of one group only")
+            seen[m] = gname
+        groups.append((gname, tuple(members)))
+    check_unique([g for g, _ in groups], f"`select.groups` of {where}")
+    return Selection(groups=tuple(groups), metric=metric)
+
+
 def load_spec(path: str | Path) -> CompareSpec:
     """Read and check a compare spec file.
 
@@ -266,7 +340,10 @@ def load_spec(path: str | Path) -> CompareSpec:
                           "overrides, e.g. `variants: {duallora: [], frozen: [method.name=frozen]}`")
     variants = [_parse_variant(name, value, base, where) for name, value in variants_raw.items()]
     check_unique([v.name for v in variants], where)
-    return CompareSpec(variants=tuple(variants), seeds=seeds, overrides=overrides, config=config, source=src)
+    selection = (_parse_selection(raw["select"], [v.name for v in variants], where)
+                 if raw.get("select") is not None else None)
+    return CompareSpec(variants=tuple(variants), seeds=seeds, overrides=overrides, config=config, source=src,
+                       selection=selection)
 
 
 def spec_from_methods(methods: Sequence[str], seeds: Sequence[int] = (0,)) -> CompareSpec:
@@ -288,7 +365,8 @@ def compose(spec: CompareSpec, variant: Variant, seed: int, extra_overrides: Seq
     """The validated config of one variant and seed, as ``duallora run`` would build it.
 
     Order (later wins): base config file (the variant's, else the spec's, else the defaults), the
-    spec's ``overrides``, the variant's overrides, ``extra_overrides`` (command line), ``seed``.
+    spec's ``overrides``, the variant's overrides, ``extra_overrides`` (command line), then
+    ``data.evaluate_on=validation`` for a candidate of ``spec.selection``, then ``seed``.
 
     Raises:
         ConfigError: as :func:`duallora.config.load_config`, prefixed with the variant's name.
@@ -298,9 +376,15 @@ def compose(spec: CompareSpec, variant: Variant, seed: int, extra_overrides: Seq
               (f"the overrides of variant {variant.name!r}", variant.overrides),
               ("the command-line overrides", tuple(extra_overrides)),
               ("the seeds", (f"seed={seed}",))]
+    if spec.selection is not None and spec.selection.group_of(variant.name) is not None:
+        groups.insert(3, ("`select` (candidates run on the validation split)", ("data.evaluate_on=validation",)))
     try:
         return load_config(base, [o for _, group in groups for o in group])
     except ConfigError as exc:
+        if "evaluate_on=validation needs" in str(exc) and len(groups) == 5:
+            raise ConfigError(f"variant {variant.name!r} is a candidate of `select`, so it runs with "
+                              f"data.evaluate_on=validation: {exc}; add data.validation_fraction=0.1 to the "
+                              "spec's `overrides`") from exc
         # name the group that breaks it (load_config calls every override "the command-line overrides")
         applied: list[str] = []
         for label, group in groups:
