@@ -15,13 +15,24 @@ from torch.utils.data import TensorDataset
 from duallora.backbones import create_backbone
 from duallora.config import load_config
 from duallora.errors import ConfigError, TrainingError
-from duallora.methods import L2P, METHODS, FeCAM, InfLoRA, Joint, LowRankBranches, SDLoRA, SimpleCIL, build_method
+from duallora.methods import (
+    L2P,
+    METHODS,
+    FeCAM,
+    InfLoRA,
+    Joint,
+    LowRankBranches,
+    RanPAC,
+    SDLoRA,
+    SimpleCIL,
+    build_method,
+)
 from duallora.training import ContinualLearner
 from tests.synthetic import SMALL_TRAINING, TASKS, make_data, small_backbone
 
 BASE = SMALL_TRAINING
-BASELINES = ["inflora", "sd-lora", "l2p", "simplecil", "fecam", "joint"]
-TRAINING_FREE = {"simplecil", "fecam"}
+BASELINES = ["inflora", "sd-lora", "l2p", "simplecil", "fecam", "ranpac", "joint"]
+TRAINING_FREE = {"simplecil", "fecam", "ranpac"}
 
 
 # ---------------------------------------------------------------------- helpers
@@ -440,4 +451,5 @@ def test_sdlora_and_inflora_adapt_other_layers_on_all_rows():
 
 def test_simplecil_fecam_are_registered_statistics_classifiers():
     assert {m: METHODS[m] for m in BASELINES} == {
-        "inflora": InfLoRA, "sd-lora": SDLoRA, "l2p": L2P, "simplecil": SimpleCIL, "fecam": FeCAM, "joint": Joint}
+        "inflora": InfLoRA, "sd-lora": SDLoRA, "l2p": L2P, "simplecil": SimpleCIL, "fecam": FeCAM, "ranpac": RanPAC,
+        "joint": Joint}

@@ -34,7 +34,7 @@ from duallora.training import ContinualLearner
 from tests.synthetic import SMALL_TRAINING, TASKS, images_of, make_data, small_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
-BUILTIN = ("duallora", "frozen", "seq-lora", "inflora", "sd-lora", "l2p", "simplecil", "fecam", "joint")
+BUILTIN = ("duallora", "frozen", "seq-lora", "inflora", "sd-lora", "l2p", "simplecil", "fecam", "ranpac", "joint")
 
 
 def tiny_backbone():

@@ -30,6 +30,7 @@ needs_weights = pytest.mark.skipif(not SHIPPED_WEIGHTS.is_file(), reason="shippe
         ("{groups: {g: []}}", "at least one variant"),
         ("{groups: {g: [a]}, metrc: x}", "unknown key 'metrc'"),
         ("{groups: {'g/h': [a]}}", "not usable as a folder name"),
+        ("{groups: {g: [a]}, test: maybe}", "must be true or false"),
     ],
 )
 def test_select_errors_name_the_cause(tmp_path, select, fragment):
@@ -121,3 +122,25 @@ def test_compare_selects_on_validation_and_tests_only_the_choice(tmp_path, tiny)
     again = invoke("compare", spec, "-o", out)
     assert again.exit_code == 0, again.output
     assert (out / "selected" / "frozen" / "seed-0" / "metrics.json").stat().st_mtime_ns == before
+
+
+@needs_weights
+def test_select_test_false_chooses_without_touching_the_test_split(tmp_path, tiny, monkeypatch):  # noqa: F811
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({
+        "seeds": [0], "overrides": tiny + ["data.validation_fraction=0.34", "method.name=fecam"],
+        "variants": {"a": ["method.tau_id=0.02"], "b": ["method.tau_id=0.5"]},
+        "select": {"groups": {"fecam": ["a", "b"]}, "test": False},
+    }))
+
+    def no_test(*args, **kwargs):
+        raise AssertionError("nothing may be evaluated on the test split")
+
+    monkeypatch.setattr(runner, "evaluate_checkpoints", no_test)
+    out = tmp_path / "out"
+    result = invoke("compare", spec, "-o", out)
+    assert result.exit_code == 0, result.output
+    sel = json.loads((out / "selection.json").read_text())
+    assert sel["test"] is False and sel["groups"]["fecam"]["chosen"] in ("a", "b")
+    assert sel["groups"]["fecam"]["test"] == {} and not (out / "selected").exists()
+    assert "no variant was evaluated on the test split" in (out / "selection.md").read_text()

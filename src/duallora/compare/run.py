@@ -159,9 +159,9 @@ def _select(result: CompareResult, spec: CompareSpec, output: Path, echo: Echo) 
         if e["chosen"] is None:
             echo(f"select {group}: waiting for all candidates to finish")
         else:
-            t = e["test"]["final_accuracy"]["mean"]
+            test = (f", test final accuracy {e['test']['final_accuracy']['mean']:.2f}" if e["test"] else "")
             echo(f"select {group}: {e['chosen']} (validation {record['metric']} "
-                 f"{e['candidates'][e['chosen']]['mean']:.2f}), test final accuracy {t:.2f}")
+                 f"{e['candidates'][e['chosen']]['mean']:.2f}){test}")
     echo(f"selection in {output / 'selection.md'}")
 
 

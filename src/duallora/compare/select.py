@@ -136,11 +136,11 @@ def select_and_test(output: Path, spec: CompareSpec, seeds: Sequence[int],
     assert selection is not None
     output = Path(output)
     record: dict[str, Any] = {"metric": selection.metric, "split_used_for_choice": "validation",
-                              "seeds": list(seeds), "groups": {}}
+                              "seeds": list(seeds), "test": selection.test, "groups": {}}
     for group, _ in selection.groups:
         ranked = rank_candidates(selection, group, seeds, metrics)
         entry = dict(ranked, test={}, test_runs=[])
-        if ranked["chosen"] is not None:
+        if ranked["chosen"] is not None and selection.test:
             tests = []
             for s in seeds:
                 src = run_folder(output, ranked["chosen"], s)
@@ -173,7 +173,8 @@ def selection_markdown(record: Mapping[str, Any]) -> str:
         "# Selection on validation data, test numbers of the chosen variants",
         "",
         f"Each group's variant was chosen by its mean validation `{metric}` over seeds {record['seeds']}; "
-        "only the chosen variant was evaluated on the test split (its own task checkpoints, no retraining).",
+        + ("only the chosen variant was evaluated on the test split (its own task checkpoints, no retraining)."
+           if record.get("test", True) else "no variant was evaluated on the test split (`select.test: false`)."),
         "",
         "| group | chosen | validation " + metric + " | test final accuracy | test avg. incremental accuracy "
         "| test forgetting | test task-id accuracy |",

@@ -40,7 +40,7 @@ Echo = Callable[[str], None]
 #: Keys a compare spec may have at its top level.
 SPEC_KEYS = ("config", "seeds", "overrides", "variants", "select")
 #: Keys of the ``select:`` section.
-SELECT_KEYS = ("metric", "groups")
+SELECT_KEYS = ("metric", "groups", "test")
 #: Metrics a selection may rank by, and whether higher is better.
 SELECT_METRICS = {"final_accuracy": True, "average_incremental_accuracy": True, "forgetting": False,
                   "task_id_accuracy": True}
@@ -74,10 +74,13 @@ class Selection:
             candidate runs with ``data.evaluate_on=validation``; the group's choice is the candidate
             with the best mean ``metric`` over the seeds (the first listed on a tie).
         metric: one of :data:`SELECT_METRICS` (validation numbers of the candidates' ``metrics.json``).
+        test: evaluate each group's choice on the test split (False: only choose, e.g. when the choice
+            is a preset's setting whose test numbers come from other runs).
     """
 
     groups: tuple[tuple[str, tuple[str, ...]], ...]
     metric: str = "final_accuracy"
+    test: bool = True
 
     def group_of(self, variant: str) -> Optional[str]:
         """The group ``variant`` is a candidate of, or None."""
@@ -308,7 +311,10 @@ def _parse_selection(raw: Any, variants: Sequence[str], where: str) -> Selection
             seen[m] = gname
         groups.append((gname, tuple(members)))
     check_unique([g for g, _ in groups], f"`select.groups` of {where}")
-    return Selection(groups=tuple(groups), metric=metric)
+    test = raw.get("test", True)
+    if not isinstance(test, bool):
+        raise ConfigError(f"`select.test` in {where} must be true or false; got {test!r}")
+    return Selection(groups=tuple(groups), metric=metric, test=test)
 
 
 def load_spec(path: str | Path) -> CompareSpec:
