@@ -22,6 +22,7 @@ from duallora.methods import (
     InfLoRA,
     Joint,
     LowRankBranches,
+    NCMGate,
     RanPAC,
     SDLoRA,
     SimpleCIL,
@@ -31,13 +32,14 @@ from duallora.training import ContinualLearner
 from tests.synthetic import SMALL_TRAINING, TASKS, make_data, small_backbone
 
 BASE = SMALL_TRAINING
-BASELINES = ["inflora", "sd-lora", "l2p", "simplecil", "fecam", "ranpac", "joint"]
-TRAINING_FREE = {"simplecil", "fecam", "ranpac"}
+BASELINES = ["inflora", "sd-lora", "l2p", "simplecil", "fecam", "ranpac", "ncm-gate", "joint"]
+TRAINING_FREE = {"simplecil", "fecam", "ranpac", "ncm-gate"}
 
 
 # ---------------------------------------------------------------------- helpers
 def make_learner(method: str, overrides=(), backbone=None, num_tasks: int = 3) -> ContinualLearner:
-    cfg = load_config(None, BASE + [f"method.name={method}"] + list(overrides))
+    small = ["method.gate_layer=1"] if method == "ncm-gate" else []  # the test backbones have 2 blocks
+    cfg = load_config(None, BASE + [f"method.name={method}"] + small + list(overrides))
     return ContinualLearner(cfg, num_tasks=num_tasks, backbone=backbone or small_backbone(),
                             device=torch.device("cpu"))
 
@@ -363,7 +365,7 @@ def test_fecam_predicts_by_mahalanobis_with_pooled_covariance():
     tests[0, :2] = torch.tensor([4.0, 0.0])  # Euclid: class 0 (distance 2.2 vs 4); Mahalanobis: class 7
     tests[1, :2] = torch.tensor([-3.0, 5.0])  # Euclid: a tie of classes 3 and 9; Mahalanobis: 3 (closer in dim 0)
     table = torch.cat([table, tests])
-    learner = feature_learner("fecam", table)
+    learner = feature_learner("fecam", table, ["method.fecam_covariance=pooled"])
     learner.learn_task(TensorDataset(id_images(8, 0), torch.tensor([7] * 4 + [3] * 4)), (7, 3))
     learner.learn_task(TensorDataset(id_images(8, 8), torch.tensor([0] * 4 + [9] * 4)), (0, 9))
     sig = learner.method.signatures
@@ -452,4 +454,62 @@ def test_sdlora_and_inflora_adapt_other_layers_on_all_rows():
 def test_simplecil_fecam_are_registered_statistics_classifiers():
     assert {m: METHODS[m] for m in BASELINES} == {
         "inflora": InfLoRA, "sd-lora": SDLoRA, "l2p": L2P, "simplecil": SimpleCIL, "fecam": FeCAM, "ranpac": RanPAC,
-        "joint": Joint}
+        "ncm-gate": NCMGate, "joint": Joint}
+
+
+def test_fecam_per_class_as_published():
+    # two classes per task with different shapes: class 7 spread along dim 0, class 3 along dim 1
+    gen = torch.Generator().manual_seed(0)
+    rows, labels = [], []
+    for c, (mean, scale) in enumerate([([4.0, 0.5], [2.0, 0.1]), ([0.5, 4.0], [0.1, 2.0])]):
+        z = torch.zeros(12, 32)
+        z[:, :2] = torch.tensor(mean) + torch.tensor(scale) * torch.randn(12, 2, generator=gen)
+        z[:, 2:] = 0.05 * torch.randn(12, 30, generator=gen)
+        rows.append(z)
+        labels += [(7, 3)[c]] * 12
+    table = torch.cat(rows + [torch.randn(3, 32, generator=gen)])
+    learner = feature_learner("fecam", table)
+    learner.learn_task(TensorDataset(id_images(24, 0), torch.tensor(labels)), (7, 3))
+    m = learner.method
+    z = torch.nn.functional.normalize(table[:24], dim=1).double()  # normalised in the features' dtype
+    for c in range(2):
+        zc = z[c * 12:(c + 1) * 12]
+        cov = torch.cov(zc.T)  # n - 1 degrees of freedom, as np.cov
+        cov = cov + cov.diagonal().mean() * torch.eye(32, dtype=torch.float64)
+        sd = cov.diagonal().sqrt()
+        cov = cov / torch.outer(sd, sd)
+        assert torch.allclose(m.means[c], zc.mean(0), atol=1e-12)
+        assert torch.allclose(m.covariances[c], cov, atol=1e-10)
+        assert torch.allclose(m.covariances[c].diagonal(), torch.ones(32, dtype=torch.float64))
+    q = torch.nn.functional.normalize(table[24:], dim=1).double()
+    want = torch.stack([torch.einsum("bd,de,be->b", q - m.means[c], torch.linalg.pinv(m.covariances[c]),
+                                     q - m.means[c]) for c in range(2)], 1) / 32
+    assert torch.allclose(m.class_distances(table[24:]).double(), want, rtol=1e-5)
+    pred = learner.predict(id_images(3, 24))
+    assert pred.labels.tolist() == [(7, 3)[i] for i in want.argmin(1).tolist()]
+
+
+def test_ncm_gate_reads_the_gate_features_of_the_untouched_backbone():
+    learner = make_learner("ncm-gate", ["method.gate_layer=1"], backbone=small_backbone(3))
+    x = make_data(TASKS[0], 3, seed=4).tensors[0]
+    bb = learner.model.backbone
+    seen = []
+    hooks = [bb.blocks[b].norm1.register_forward_hook(lambda m, i, o: seen.append(o.mean(1))) for b in (0, 1)]
+    with torch.no_grad():
+        learner.model.features(x)
+    for h in hooks:
+        h.remove()
+    got = learner.method.gate_features(x)
+    assert got.shape == (x.shape[0], 2 * learner.model.embed_dim)
+    assert torch.allclose(got, torch.cat(seen, 1), atol=1e-6)
+    assert not any(blk.norm1._forward_hooks for blk in bb.blocks)  # its hooks are removed
+    # duallora's shared gate (before any adapter is trained) reads the same features
+    dl = make_learner("duallora", ["method.gate_layer=1"], backbone=small_backbone(3))
+    captured = []
+    for name in dl.method.gate_inputs:
+        dl.model.adapted[name].recorder = lambda h: captured.append(h.mean(1))
+    with torch.no_grad():
+        dl.model.features(x)
+    assert torch.allclose(torch.cat(captured, 1), got, atol=1e-6)
+    with pytest.raises(ConfigError, match="gate_layer=9"):
+        make_learner("ncm-gate", ["method.gate_layer=9"])

@@ -34,7 +34,8 @@ from duallora.training import ContinualLearner
 from tests.synthetic import SMALL_TRAINING, TASKS, images_of, make_data, small_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
-BUILTIN = ("duallora", "frozen", "seq-lora", "inflora", "sd-lora", "l2p", "simplecil", "fecam", "ranpac", "joint")
+BUILTIN = ("duallora", "frozen", "seq-lora", "inflora", "sd-lora", "l2p", "simplecil", "fecam", "ranpac", "ncm-gate",
+           "joint")
 
 
 def tiny_backbone():

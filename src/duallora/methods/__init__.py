@@ -18,10 +18,12 @@ allowed ``method.name`` values from the registry.
 ``l2p``         a prompt pool with keys, prompts chosen per image by a query pass, prepended in a
                 second, prompted pass (Wang et al., CVPR 2022)
 ``simplecil``   frozen backbone, cosine classifier on class prototypes (Zhou et al., 2023)
-``fecam``       frozen backbone, Mahalanobis classifier with a pooled covariance (Goswami et al.,
-                NeurIPS 2023)
+``fecam``       frozen backbone, Mahalanobis classifier with per-class (as published) or pooled
+                covariances (Goswami et al., NeurIPS 2023)
 ``ranpac``      frozen backbone, random projection + ReLU, ridge-regression head in closed form
                 (McDonnell et al., NeurIPS 2023; without its first-task fine-tuning)
+``ncm-gate``    frozen backbone, Mahalanobis nearest class mean on the features DualLoRA's shared
+                gate reads (mean tokens entering blocks 0..gate_layer)
 ``joint``       one LoRA and the heads trained on the data of every task seen so far: an upper
                 bound, NOT continual and NOT rehearsal-free
 ==============  ==============================================================================
@@ -69,7 +71,7 @@ from duallora.methods.registry import (
 
 #: Modules of the built-in methods, in registration order (each registers its class on import).
 BUILTIN_MODULES = ("duallora", "frozen", "seq_lora", "inflora", "sd_lora", "l2p", "simplecil", "fecam", "ranpac",
-                   "joint")
+                   "ncm_gate", "joint")
 for _module in BUILTIN_MODULES:
     importlib.import_module(f"duallora.methods.{_module}")
 
@@ -80,6 +82,7 @@ from duallora.methods.frozen import Frozen  # noqa: E402
 from duallora.methods.inflora import InfLoRA  # noqa: E402
 from duallora.methods.joint import Joint  # noqa: E402
 from duallora.methods.l2p import L2P  # noqa: E402
+from duallora.methods.ncm_gate import NCMGate  # noqa: E402
 from duallora.methods.ranpac import RanPAC  # noqa: E402
 from duallora.methods.sd_lora import SDLoRA  # noqa: E402
 from duallora.methods.seq_lora import SeqLoRA  # noqa: E402
@@ -87,7 +90,8 @@ from duallora.methods.simplecil import SimpleCIL  # noqa: E402
 
 __all__ = [
     "METHODS", "ContinualMethod", "DualLoRA", "FeCAM", "Frozen", "InfLoRA", "Inference", "Joint", "L2P",
-    "LowRankBranches", "Option", "RanPAC", "SDLoRA", "SeqLoRA", "SimpleCIL", "TaskContext", "build_method", "calibrate",
+    "LowRankBranches", "NCMGate", "Option", "RanPAC", "SDLoRA", "SeqLoRA", "SimpleCIL", "TaskContext",
+    "build_method", "calibrate",
     "get_method", "method_names", "method_options", "posterior_from_probs", "register_method",
     "unregister_method",
 ]

@@ -20,6 +20,7 @@ from duallora.methods.options import (
     ADAPTED_MODULES,
     ENERGY_THRESHOLD_END,
     ENERGY_THRESHOLD_START,
+    GATE_LAYER,
     RANK_ORTHOGONAL,
     RIDGE,
     STAT_IMAGES,
@@ -93,8 +94,7 @@ class DualLoRA(ContinualMethod):
         "stat_images": STAT_IMAGES,
         "gate": Option("shared", "dynamic-memory gate type: shared | soft | hard",
                        choices=("shared", "soft", "hard")),
-        "gate_layer": Option(2, "gate=shared: gate from the mean tokens entering blocks 0..gate_layer; residual "
-                                "adapters in blocks >= gate_layer (negative: counted from the last block)"),
+        "gate_layer": GATE_LAYER,
         "task_id_features": Option("auto", "task posterior used for calibration: auto | gate | final "
                                            "(auto: gate when gate=shared, else final)",
                                    choices=("auto", "gate", "final"), check=_gate_for_features),

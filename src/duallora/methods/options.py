@@ -157,4 +157,6 @@ STAT_IMAGES = Option(2000, "images per task seen by the statistics passes (a see
                      type=Optional[int], check=positive_int_or_null)
 TAU_ID = Option(0.02, "temperature of the task / class posterior (on squared distances per dimension)",
                 check=positive)
+GATE_LAYER = Option(2, "gate=shared (duallora) / ncm-gate: features are the mean tokens entering blocks 0..gate_layer; "
+                        "residual adapters in blocks >= gate_layer (negative: counted from the last block)")
 RIDGE = Option(1e-4, "ridge added to the pooled covariance, relative to its mean eigenvalue")

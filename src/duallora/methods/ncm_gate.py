@@ -1,0 +1,110 @@
+"""``ncm-gate``: Mahalanobis nearest class mean on the features DualLoRA's shared gate reads, on the
+untouched backbone (the training-free bar for DualLoRA's task posterior)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from duallora import distributed
+from duallora.errors import ConfigError, TrainingError
+from duallora.methods.base import TaskContext
+from duallora.methods.options import GATE_LAYER, RIDGE, TAU_ID
+from duallora.methods.registry import register_method
+from duallora.methods.statistics import StatisticsClassifier
+from duallora.model import AdaptedViT
+from duallora.signatures import TaskSignatures
+
+if TYPE_CHECKING:
+    from duallora.config import MethodConfig
+
+
+@register_method
+class NCMGate(StatisticsClassifier):
+    """Nearest class mean with a pooled-covariance Mahalanobis distance on intermediate features.
+
+    Features of an image (B, (gate_layer + 1) * D): for each block ``b = 0..gate_layer`` the mean over
+    tokens of the block's first LayerNorm output (``blocks[b].norm1``, i.e. the input of its attention
+    ``qkv``), concatenated. These are exactly the features DualLoRA's shared gate reads
+    (``method.gate=shared``, docs/method.md, "Measured decisions") but taken from the untouched
+    backbone, so this classifier measures what those statistics give without any adapter. After each
+    task its class means and within-class scatter join a covariance pooled over all classes so far
+    (:class:`~duallora.signatures.TaskSignatures`, the same code as DualLoRA's gate); prediction is the
+    class with the smallest squared Mahalanobis distance per dimension (pooled covariance plus a
+    relative ridge ``method.ridge``), probabilities ``softmax(-d / tau_id)``. No training.
+
+    Source: the Mahalanobis classifier of Lee et al. (NeurIPS 2018) / FeCAM's common-covariance
+    variant (Goswami et al., NeurIPS 2023) on intermediate-layer features; not a published method.
+
+    Raises:
+        ConfigError: ``method.gate_layer`` outside the backbone's blocks.
+        TrainingError: a class without training images.
+    """
+
+    name = "ncm-gate"
+    options = {"gate_layer": GATE_LAYER, "tau_id": TAU_ID, "ridge": RIDGE}
+
+    def __init__(self, model: AdaptedViT, cfg: MethodConfig, seed: int = 0) -> None:
+        super().__init__(model, cfg, seed)
+        depth = len(model.backbone.blocks)
+        last = cfg.gate_layer if cfg.gate_layer >= 0 else depth + cfg.gate_layer
+        if not 0 <= last < depth:
+            raise ConfigError(f"method.gate_layer={cfg.gate_layer} is outside the backbone's {depth} blocks")
+        self.blocks = list(range(last + 1))
+        self.signatures = TaskSignatures(model.embed_dim * len(self.blocks), score="mahalanobis", tau=cfg.tau_id,
+                                         ridge=cfg.ridge)
+
+    def gate_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean ``norm1`` tokens of blocks ``0..gate_layer``, concatenated: (B, C, H, W) -> (B, (L+1) D).
+
+        The forward pass stops after block ``gate_layer`` (later blocks are not needed)."""
+        bb = self.model.backbone
+        parts: list[torch.Tensor] = []
+        hooks = [bb.blocks[b].norm1.register_forward_hook(lambda m, i, out: parts.append(out.mean(dim=1)))
+                 for b in self.blocks]
+        try:
+            h = bb.patch_embed(self.model.normalize(x))
+            h = bb._pos_embed(h)
+            h = bb.patch_drop(h)
+            h = bb.norm_pre(h)
+            for b in self.blocks:
+                h = bb.blocks[b](h)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return torch.cat(parts, dim=1)
+
+    @torch.no_grad()
+    def end_task(self, ctx: TaskContext) -> dict:
+        """Add the task's class means and within-class scatter of the gate features."""
+        acc = TaskSignatures.new_accumulator(ctx.num_classes, self.signatures.dim)
+        for x, y in ctx.progress(ctx.stats_loader, f"task {ctx.task + 1} statistics"):
+            TaskSignatures.accumulate(acc, self.gate_features(x.to(ctx.device)), y)
+        for tensor in acc.values():
+            distributed.all_reduce_sum_(tensor)
+        if (acc["n"] <= 0).any():
+            raise TrainingError(f"task {ctx.task + 1}: every class needs at least one training image")
+        self.signatures.add_task(acc)
+        return super().end_task(ctx)
+
+    def class_logits(self, feats: torch.Tensor) -> torch.Tensor:
+        """``-d / tau_id`` (B, C) of gate features ``feats`` (B, (L+1) D)."""
+        return -self.signatures.class_distances(feats) / self.cfg.tau_id
+
+    @torch.no_grad()
+    def infer(self, x: torch.Tensor):
+        """Classify by the gate features (not the final ones): one partial forward pass."""
+        from duallora.methods.base import Inference, posterior_from_probs
+
+        probs = torch.softmax(self.class_logits(self.gate_features(x)), dim=1)
+        return Inference(probs, posterior_from_probs(probs, self.sizes))
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = super().state_tensors()
+        out.update(self.signatures.state("signatures.gate."))
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        super().load_state_tensors(tensors)
+        self.signatures.load("signatures.gate.", tensors)
