@@ -61,6 +61,8 @@ def test_yaml_and_dict_round_trip(tmp_path):
         (["method.adapted_modules=[qkv,head]"], "'head'"),
         (["method.energy_threshold_end=1.5"], "energy_threshold_end"),
         (["train.lr=-1"], "train.lr"),
+        (["train.weight_decay=-1"], "train.weight_decay=-1.0 must be >= 0"),
+        (["train.momentum=2"], "train.momentum=2.0 must lie in [0, 1)"),
         (["data.num_tasks=0"], "data.num_tasks=0"),
         (["method.name=frozen", "method.rank_residual=4"], "method 'frozen' does not use it"),
         (["method.name=seq-lora", "method.gate=hard"], "method 'seq-lora' does not use it"),

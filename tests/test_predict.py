@@ -132,6 +132,10 @@ def test_unreadable_file_is_listed_and_the_others_predicted(tiny_run, images, tm
     assert [r["path"] for r in rows] == [str(files[0]), str(files[1])]
     assert result.stdout == ""  # with --output the table goes to the file only
     assert not list(target.parent.glob("*.tmp*"))
+    # nothing that exists at all: bad input (exit 2), nothing written
+    lone = tmp_path / "out" / "none.csv"
+    result = invoke("predict", tiny_run, missing, tmp_path / "gone", "-o", lone)
+    assert result.exit_code == 2 and "none of the paths given exists" in result.output and not lone.exists()
 
 
 def test_checkpoint_file_json_and_top_k(tiny_run, images):

@@ -419,3 +419,37 @@ def test_run_state_round_trips_through_checkpoint_metadata():
                      "train_time_s": 1.5, "eval_time_s": 0.75, "last_eval_time_s": 0.5, "last_eval_images": 7}
     assert RunState.from_checkpoint(extra) == state
     assert RunState.from_checkpoint({}) == RunState()  # a checkpoint without a record: nothing measured yet
+
+
+def test_a_run_folder_is_locked_while_a_process_runs_it(tmp_path):
+    final = tmp_path / "run"
+    first = RunDirectory(final, runs_only=True)
+    (first.path / "config.yaml").write_text("seed: 0\n")
+    # a second process (here: a child) can neither resume nor discard it while the first holds it
+    code = (
+        "import sys\nfrom duallora.reporting import RunDirectory\nfrom duallora.errors import CheckpointError\n"
+        "for kw in ({'resume': True}, {'overwrite': True, 'runs_only': True}):\n"
+        "    try:\n        RunDirectory(sys.argv[1], **kw)\n    except CheckpointError as e:\n"
+        "        print('refused:', e)\n    else:\n        print('opened')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(final)], capture_output=True, text=True, check=True).stdout
+    assert out.count("refused: another duallora process is running the run") == 2, out
+    assert (first.path / "config.yaml").is_file()  # nothing was discarded
+    first.release()
+    out = subprocess.run([sys.executable, "-c", code, str(final)], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[0] == "opened", out  # released: it can be resumed
+    # the lock is released at commit, too
+    again = RunDirectory(tmp_path / "other", runs_only=True)
+    (again.path / "metrics.json").write_text("{}")
+    again.commit()
+    assert again._lock.fd is None
+
+
+def test_overwrite_accepts_a_run_folder_with_tensorboard_logs_and_nothing_else(tmp_path):
+    run = fake_run_folder(tmp_path / "r")
+    (run / "tensorboard").mkdir()
+    (run / "tensorboard" / "events.out.tfevents.1733.host.123.0").write_bytes(b"x")
+    check_replaceable(run)  # a run with train.tensorboard=true
+    (run / "tensorboard" / "notes.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="tensorboard/notes.txt"):
+        check_replaceable(run)

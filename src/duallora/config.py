@@ -300,6 +300,10 @@ def validate(cfg: RunConfig) -> RunConfig:
                           "(share of a task's training images per batch), or be null for no cap")
     if cfg.train.lr <= 0 or (cfg.train.head_lr is not None and cfg.train.head_lr <= 0):
         raise ConfigError("train.lr and train.head_lr must be > 0")
+    if cfg.train.weight_decay < 0:
+        raise ConfigError(f"train.weight_decay={cfg.train.weight_decay} must be >= 0 (0 = none)")
+    if not 0.0 <= cfg.train.momentum < 1.0:
+        raise ConfigError(f"train.momentum={cfg.train.momentum} must lie in [0, 1) (SGD's momentum, e.g. 0.9)")
     if cfg.data.num_tasks is None and cfg.data.classes_per_task is None:
         raise ConfigError("set data.num_tasks or data.classes_per_task")
     if cfg.data.num_tasks is not None and cfg.data.num_tasks < 1:

@@ -128,7 +128,8 @@ def find_images(paths: Sequence[str | Path]) -> ImageList:
     A file reached twice is listed once.
 
     Raises:
-        DataError: no image file at all (names the paths and the accepted extensions).
+        DataError: no image file at all (names the paths and the accepted extensions), or none of
+            the paths exists.
     """
     from duallora.data.datasets import IMAGE_EXTENSIONS
 
@@ -158,6 +159,9 @@ def find_images(paths: Sequence[str | Path]) -> ImageList:
     if not out.files and not out.missing:
         raise DataError(f"no image files in {', '.join(str(p) for p in paths)} "
                         f"(accepted extensions: {' '.join(IMAGE_EXTENSIONS)})")
+    if not out.files:  # nothing that exists: bad input, not a partly failed prediction
+        raise DataError(f"none of the paths given exists: {', '.join(str(p) for p, _ in out.missing)}; "
+                        "give image files or folders")
     return out
 
 

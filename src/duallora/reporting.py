@@ -337,6 +337,8 @@ RUN_OUTPUTS = frozenset({
 #: A finished (or derived) run folder has ``config.yaml`` and at least one of these.
 RUN_MARKERS = ("metrics.json", "class_order.json")
 _CHECKPOINT_FILE = re.compile(r"task_\d+\.safetensors$")
+#: ``train.tensorboard=true`` writes event files into ``tensorboard/``.
+_EVENT_FILE = re.compile(r"events\.out\.tfevents\.[^/]+$")
 _SHOWN = 5  # unexpected entries named in a refusal
 
 
@@ -364,6 +366,10 @@ def _foreign_entries(folder: Path) -> list[str]:
                 ok = (ckpt(sub.name) and sub.is_file() and not sub.is_symlink()) or _is_temp_of(sub.name, ckpt)
                 if not ok:
                     out.append(f"checkpoints/{sub.name}" + ("/" if sub.is_dir() else ""))
+        elif name == "tensorboard" and entry.is_dir() and not entry.is_symlink():
+            for sub in sorted(entry.iterdir(), key=lambda p: p.name):
+                if not (_EVENT_FILE.fullmatch(sub.name) and sub.is_file() and not sub.is_symlink()):
+                    out.append(f"tensorboard/{sub.name}" + ("/" if sub.is_dir() else ""))
         elif not ((top(name) and entry.is_file() and not entry.is_symlink()) or _is_temp_of(name, top)):
             out.append(name + ("/" if entry.is_dir() and not entry.is_symlink() else ""))
     return out
@@ -434,6 +440,45 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
 
 
+class _FolderLock:
+    """An exclusive ``flock`` on a folder (its open descriptor), held until :meth:`close` or exit."""
+
+    def __init__(self, fd: Optional[int]) -> None:
+        self.fd = fd
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the lock
+            self.fd = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def _lock_folder(path: Path, final: Path) -> _FolderLock:
+    """Lock the staging folder ``path`` of the run ``final`` for this process.
+
+    The lock follows the folder through the rename to ``final`` and ends with the process, so a
+    crash never leaves it behind and no lock file is written.
+
+    Raises:
+        CheckpointError: another process (a second ``--resume``, a run still going) holds it.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no lock
+        return _FolderLock(None)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        raise CheckpointError(
+            f"another duallora process is running the run in {path} right now; wait for it to finish "
+            f"(or stop it), then `duallora run --resume {final}` if it was interrupted") from exc
+    return _FolderLock(fd)
+
+
 class RunDirectory:
     """One run = one output folder, published only when the run succeeded.
 
@@ -496,9 +541,12 @@ class RunDirectory:
                 )
             self.overwrite = True  # the interrupted run was allowed to start, so it may publish
             self._check_final()
+            self._lock = _lock_folder(self.path, self.final)
             return
         self._check_final()
         if self.path.exists():
+            if self.path.is_dir() and not self.path.is_symlink():
+                _lock_folder(self.path, self.final).close()  # refuse while another process runs it
             if not self.overwrite:
                 raise CheckpointError(
                     f"an unfinished run is in {self.path} (interrupted, or still running); continue it with "
@@ -515,6 +563,7 @@ class RunDirectory:
             self.path.mkdir(parents=True)  # exclusive: a second run started at the same time fails here
         except FileExistsError as exc:
             raise CheckpointError(f"another run is writing {self.path}; choose another --output") from exc
+        self._lock = _lock_folder(self.path, self.final)
 
     def _check_final(self) -> None:
         final = self.final
@@ -529,6 +578,12 @@ class RunDirectory:
         if self.runs_only and final.is_dir():
             # a resumed run publishes over the folder as its first start was allowed to (--overwrite)
             check_replaceable(final, protect=self.protect, option="--resume" if self._resumed else "--overwrite")
+
+    def release(self) -> None:
+        """Release this process's lock on the run folder (at the end of the run, or after a failure)."""
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.close()
 
     @property
     def committed(self) -> bool:
@@ -568,6 +623,7 @@ class RunDirectory:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         self._committed = True
+        self.release()
         return self.final
 
     def __repr__(self) -> str:

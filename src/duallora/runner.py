@@ -136,7 +136,8 @@ def _resume_config(cfg: Optional[RunConfig], output: Optional[Path]) -> tuple[Ru
         raise CheckpointError("--resume needs the run folder: duallora run --resume DIR")
     if Path(output).name.endswith(".partial"):  # the staging folder itself was given
         output = Path(output).with_name(Path(output).name[: -len(".partial")])
-    rundir = RunDirectory(Path(output), resume=True)
+    rundir = RunDirectory(Path(output), resume=True)  # refuses while another process runs it
+    rundir.release()
     stored_path = rundir.path / "config.yaml"
     if not stored_path.is_file():
         raise CheckpointError(f"{rundir.path} has no config.yaml; it was not started by `duallora run`")
@@ -353,13 +354,22 @@ def run_experiment(cfg: Optional[RunConfig], output: Optional[Path] = None, *, o
     echo(f"{cfg.method.name}: {cfg.data.dataset}, {scenario.num_tasks} tasks, "
          f"backbone {info.name} (sha256 {info.sha256[:12]}), seed {cfg.seed}")
     echo(f"class order: {scenario.class_order}")
-    try:  # a Ctrl-C/SIGTERM from here on leaves the staging folder: name it
-        learner, state = _restore_or_start(run, model, resume)
-    except KeyboardInterrupt as exc:
-        raise KeyboardInterrupt(f"interrupted; {run.hint()}") from exc
-    start_task = len(learner.task_classes)
-    _learn_remaining(run, learner, state, start_task)
-    return _finish(run, learner, state, start_task if resume else None, wall_start)
+    try:
+        try:  # a Ctrl-C/SIGTERM from here on leaves the staging folder: name it
+            learner, state = _restore_or_start(run, model, resume)
+        except KeyboardInterrupt as exc:
+            raise KeyboardInterrupt(f"interrupted; {run.hint()}") from exc
+        start_task = len(learner.task_classes)
+        _learn_remaining(run, learner, state, start_task)
+        try:
+            return _finish(run, learner, state, start_task if resume else None, wall_start)
+        except KeyboardInterrupt as exc:  # while writing the outputs: every task is done, resume rewrites them
+            if isinstance(rundir, RunDirectory) and rundir.committed:
+                raise KeyboardInterrupt(f"interrupted after the run was published in {output}") from exc
+            raise KeyboardInterrupt(f"interrupted while writing the outputs; {run.hint()}") from exc
+    finally:
+        if isinstance(rundir, RunDirectory):
+            rundir.release()  # the folder lock (another process may resume it now)
 
 
 #: DualLoRA method keys that change only how a trained model predicts, when the task posterior is the
@@ -409,6 +419,15 @@ def derive_run(source: Path, cfg: RunConfig, output: Path, *, overwrite: bool = 
     if len(files) != source_metrics["num_tasks"]:
         raise CheckpointError(f"{source} has {len(files)} checkpoints for {source_metrics['num_tasks']} tasks")
     rundir = RunDirectory(Path(output), overwrite=overwrite, runs_only=True, protect=[cfg.data.root, source])
+    try:
+        return _derive_into(rundir, source, files, source_metrics, cfg, output, echo, wall_start)
+    finally:
+        rundir.release()
+
+
+def _derive_into(rundir: RunDirectory, source: Path, files: list[Path], source_metrics: dict[str, Any],
+                 cfg: RunConfig, output: Path, echo: Echo, wall_start: float) -> dict[str, Any]:
+    """Evaluate ``source``'s checkpoints under ``cfg`` into ``rundir`` and publish it (:func:`derive_run`)."""
     state = RunState()
     learner = scenario = None
     for _, learner, scenario, ev, seconds in _evaluate_each(files, lambda meta: cfg, cfg.train.progress):  # noqa: B007
