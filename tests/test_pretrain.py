@@ -81,3 +81,14 @@ def test_shipped_weights_record_matches_file():
     assert rec["name"] == backbones.SHIPPED_NAME and rec["dtype"] == "float16"
     assert rec["data"] == "MNIST train 60k / test 10k"
     assert rec["test_accuracy"] >= 98.0
+
+
+def test_weights_of_another_architecture_are_a_clear_error():
+    from duallora.backbones import SHIPPED, create_backbone
+    from duallora.errors import BackboneError
+
+    mnist = SHIPPED["vit_tiny_patch7_28.duallora_mnist"].weights
+    if not mnist.is_file() or not SHIPPED["vit_tiny_patch4_32.duallora_tinyimagenet100"].weights.is_file():
+        pytest.skip("shipped backbone weights missing")
+    with pytest.raises(BackboneError, match="does not fit vit_tiny_patch4_32.duallora_tinyimagenet100 .*pos_embed"):
+        create_backbone("vit_tiny_patch4_32.duallora_tinyimagenet100", str(mnist))

@@ -187,13 +187,19 @@ def _create_shipped(spec: ShippedBackbone, weights: Optional[str]) -> tuple[nn.M
         raise BackboneError(f"weights file {weights!r} does not exist; pass an existing .safetensors/.pth file")
     if not path.is_file():
         raise BackboneError(
-            f"the shipped backbone weights {str(path)!r} are missing; regenerate them with "
-            "`duallora pretrain` (see docs/pretraining.md) or pass backbone.weights=PATH"
+            f"the shipped backbone weights {str(path)!r} are missing; regenerate them with the command in "
+            f"docs/pretraining.md for {spec.name} (`duallora pretrain`, with `--recipe vit root=PATH` for "
+            "the Tiny-ImageNet one) or pass backbone.weights=PATH"
         )
     model = build_shipped_architecture(spec.name)
     state = {k: v.float() for k, v in _load_state_file(path).items()}
     state = {k: v for k, v in state.items() if not k.startswith("head.")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a tensor of another shape: weights of another architecture
+        first = " ".join(str(exc).split())[:300]
+        raise BackboneError(f"weights file {str(path)!r} does not fit {spec.name} (another architecture?): "
+                            f"{first}; pass the weights of this backbone, or its name in backbone.name") from exc
     if missing or unexpected:
         raise BackboneError(
             f"weights file {str(path)!r} does not fit {spec.name}: missing {list(missing)[:5]}, "
