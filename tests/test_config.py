@@ -191,3 +191,19 @@ def test_check_images_key():
     assert load_config(None, ["data.check_images=false"]).data.check_images is False
     with pytest.raises(ConfigError, match="data.check_images"):
         load_config(None, ["data.check_images=maybe"])
+
+
+def test_missing_keys_skips_options_the_runs_method_does_not_read(tmp_path):
+    import yaml
+
+    from duallora.config import load_config, missing_keys, to_yaml
+
+    path = tmp_path / "config.yaml"
+    stored = yaml.safe_load(to_yaml(load_config(None, [])))  # a duallora run
+    del stored["method"]["ranpac_dim"]  # ranpac's option, added after the run: duallora never read it
+    del stored["method"]["stat_images"]  # duallora's own option: the run predates it
+    path.write_text(yaml.safe_dump(stored))
+    assert missing_keys(path) == ["method.stat_images"]
+    stored["method"]["name"] = "fecam"  # fecam reads neither
+    path.write_text(yaml.safe_dump(stored))
+    assert missing_keys(path) == []

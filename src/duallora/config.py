@@ -449,7 +449,9 @@ def missing_keys(path: str | Path) -> list[str]:
 
     A run folder's ``config.yaml`` lists every key; keys it lacks were added after the run was made,
     so the run used the behaviour from before that key existed, which the key's current default need
-    not reproduce (reuse and resume treat such runs as different).
+    not reproduce (reuse and resume treat such runs as different). A ``method.*`` key that the run's
+    method does not read (another method's option, added later) is not counted: it cannot have
+    changed that run.
 
     Raises:
         ConfigError: the file cannot be read or parsed.
@@ -468,7 +470,9 @@ def missing_keys(path: str | Path) -> list[str]:
                 out.append(f.name)
             continue
         section = raw.get(f.name) if isinstance(raw.get(f.name), dict) else {}
-        out += [f"{f.name}.{g.name}" for g in dataclasses.fields(section_type) if g.name not in section]
+        reads = METHOD_KEYS.get(section.get("name")) if f.name == "method" else None
+        out += [f"{f.name}.{g.name}" for g in dataclasses.fields(section_type)
+                if g.name not in section and (reads is None or g.name in reads or g.name == "name")]
     return out
 
 
