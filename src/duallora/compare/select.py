@@ -176,17 +176,19 @@ def selection_markdown(record: Mapping[str, Any]) -> str:
         + ("only the chosen variant was evaluated on the test split (its own task checkpoints, no retraining)."
            if record.get("test", True) else "no variant was evaluated on the test split (`select.test: false`)."),
         "",
-        "| group | chosen | validation " + metric + " | test final accuracy | test avg. incremental accuracy "
-        "| test forgetting | test task-id accuracy |",
-        "|---|---|---|---|---|---|---|",
     ]
+    tested = record.get("test", True)
+    test_keys = ("final_accuracy", "average_incremental_accuracy", "forgetting", "task_id_accuracy")
+    head = ["group", "chosen", f"validation {metric}"]
+    if tested:
+        head += ["test final accuracy", "test avg. incremental accuracy", "test forgetting", "test task-id accuracy"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for group, e in record["groups"].items():
         chosen = e["chosen"]
-        val = _pm(e["candidates"][chosen]) if chosen else "(not all candidates finished)"
-        t = e["test"]
-        lines.append(f"| {group} | {chosen or '-'} | {val} | {_pm(t.get('final_accuracy', {}))} | "
-                     f"{_pm(t.get('average_incremental_accuracy', {}))} | {_pm(t.get('forgetting', {}))} | "
-                     f"{_pm(t.get('task_id_accuracy', {}))} |")
+        cells = [group, chosen or "-", _pm(e["candidates"][chosen]) if chosen else "(not all candidates finished)"]
+        if tested:
+            cells += [_pm(e["test"].get(k, {})) for k in test_keys]
+        lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Candidates (validation split)", ""]
     for group, e in record["groups"].items():
         lines.append(f"- **{group}**: " + ", ".join(
