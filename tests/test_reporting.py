@@ -334,6 +334,11 @@ def test_unfinished_run_is_not_silently_discarded(tmp_path):
     with pytest.raises(CheckpointError, match="--resume"):
         RunDirectory(final)
     assert _files(first.path / "checkpoints") == {"task_1.txt": "progress"}
+    first.release()  # the first run's process ends (it holds the folder's lock while it runs)
+    with pytest.raises(CheckpointError, match="--resume"):
+        RunDirectory(final)  # an interrupted run is still refused
     # resuming reopens it as it is; --overwrite discards it
-    assert RunDirectory(final, resume=True).path == first.path
+    resumed = RunDirectory(final, resume=True)
+    assert resumed.path == first.path
+    resumed.release()
     assert list(RunDirectory(final, overwrite=True).path.iterdir()) == []
