@@ -21,7 +21,6 @@ A test record is reused when the source run's ``metrics.json`` is unchanged (its
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -32,10 +31,6 @@ from duallora.compare.spec import SELECT_METRICS, CompareSpec, Echo, Selection
 #: Metrics reported per group in selection.json / selection.md (test split of the chosen variant).
 TEST_METRICS = ("final_accuracy", "average_incremental_accuracy", "forgetting", "backward_transfer",
                 "task_id_accuracy", "train_time_s")
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def rank_candidates(selection: Selection, group: str, seeds: Sequence[int],
@@ -76,11 +71,12 @@ def rank_candidates(selection: Selection, group: str, seeds: Sequence[int],
 def _test_record(source: Path, output: Path, echo: Echo) -> dict[str, Any]:
     """The test metrics of finished run ``source`` (its checkpoints on the test split), cached in ``output``."""
     from duallora import runner
+    from duallora.backbones import file_sha256
     from duallora.compare.plan import read_metrics
     from duallora.reporting import write_json_atomic
 
     path = output / "metrics.json"
-    source_sha = _sha256(source / "metrics.json")
+    source_sha = file_sha256(source / "metrics.json")
     if path.is_file():
         try:
             held = read_metrics(output)

@@ -7,11 +7,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from duallora.errors import TrainingError
 from duallora.methods.base import TaskContext
 from duallora.methods.options import RIDGE, TAU_ID, Option
 from duallora.methods.registry import register_method
-from duallora.methods.statistics import StatisticsClassifier
+from duallora.methods.statistics import StatisticsClassifier, require_every_class
 from duallora.model import AdaptedViT
 from duallora.signatures import TaskSignatures
 
@@ -80,8 +79,7 @@ class FeCAM(StatisticsClassifier):
             n.index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
         for tensor in (s1, s2, n):
             distributed.all_reduce_sum_(tensor)
-        if (n <= 0).any():
-            raise TrainingError(f"task {ctx.task + 1}: every class needs at least one training image")
+        require_every_class(n, ctx.task)
         mu = s1 / n[:, None]
         cov = (s2 - n[:, None, None] * mu[:, :, None] * mu[:, None, :]) / (n - 1).clamp(min=1)[:, None, None]
         eye = torch.eye(d, dtype=torch.float64)

@@ -7,8 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from duallora import distributed
-from duallora.errors import ConfigError, TrainingError
+from duallora.errors import ConfigError
 from duallora.methods.base import TaskContext
 from duallora.methods.options import GATE_LAYER, RIDGE, TAU_ID
 from duallora.methods.registry import register_method
@@ -78,14 +77,7 @@ class NCMGate(StatisticsClassifier):
     @torch.no_grad()
     def end_task(self, ctx: TaskContext) -> dict:
         """Add the task's class means and within-class scatter of the gate features."""
-        acc = TaskSignatures.new_accumulator(ctx.num_classes, self.signatures.dim)
-        for x, y in ctx.progress(ctx.stats_loader, f"task {ctx.task + 1} statistics"):
-            TaskSignatures.accumulate(acc, self.gate_features(x.to(ctx.device)), y)
-        for tensor in acc.values():
-            distributed.all_reduce_sum_(tensor)
-        if (acc["n"] <= 0).any():
-            raise TrainingError(f"task {ctx.task + 1}: every class needs at least one training image")
-        self.signatures.add_task(acc)
+        self.signatures.add_task(self._class_sums(ctx, self.gate_features, self.signatures.dim))
         return super().end_task(ctx)
 
     def class_logits(self, feats: torch.Tensor) -> torch.Tensor:

@@ -10,11 +10,10 @@ import torch
 from torch.nn import functional as F
 
 from duallora import distributed
-from duallora.errors import TrainingError
 from duallora.methods.base import TaskContext
 from duallora.methods.options import TAU_ID, Option, positive_int
 from duallora.methods.registry import register_method
-from duallora.methods.statistics import StatisticsClassifier
+from duallora.methods.statistics import StatisticsClassifier, require_every_class
 from duallora.model import AdaptedViT
 
 if TYPE_CHECKING:
@@ -127,8 +126,7 @@ class RanPAC(StatisticsClassifier):
         H = torch.cat(H_parts).double()
         labels = torch.cat(y_parts)
         counts = torch.bincount(labels, minlength=ctx.num_classes)
-        if (counts <= 0).any():
-            raise TrainingError(f"task {ctx.task + 1}: every class needs at least one training image")
+        require_every_class(counts, ctx.task)
         offset = self.Q.shape[1]
         Y = torch.zeros(H.shape[0], offset + ctx.num_classes, dtype=torch.float64)
         Y[torch.arange(H.shape[0]), offset + labels] = 1.0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 from torch import nn
@@ -15,6 +15,16 @@ from duallora.signatures import TaskSignatures
 
 if TYPE_CHECKING:
     from duallora.config import MethodConfig
+
+
+def require_every_class(counts: torch.Tensor, task: int) -> None:
+    """Raise :class:`TrainingError` when a class of task ``task`` (0-based) has no training image.
+
+    Args:
+        counts: (C_t,) images per class of the task (summed over the torchrun processes).
+    """
+    if (counts <= 0).any():
+        raise TrainingError(f"task {task + 1}: every class needs at least one training image")
 
 
 class StatisticsClassifier(ContinualMethod):
@@ -43,20 +53,25 @@ class StatisticsClassifier(ContinualMethod):
         raise TrainingError(f"{self.name} trains nothing; the training loop must skip methods without parameters")
 
     @torch.no_grad()
-    def _class_sums(self, ctx: TaskContext) -> dict[str, torch.Tensor]:
-        """Per-class sums of the task's final features (``TaskSignatures.new_accumulator``), summed
-        over the torchrun processes.
+    def _class_sums(self, ctx: TaskContext, features: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                    dim: Optional[int] = None) -> dict[str, torch.Tensor]:
+        """Per-class sums (``TaskSignatures.new_accumulator``) of the task's features, summed over the
+        torchrun processes.
+
+        Args:
+            features: images (B, C, H, W) -> features (B, ``dim``); default the final features
+                (``model.features``, ``dim`` = embed_dim).
 
         Raises:
             TrainingError: a class without training images.
         """
-        acc = TaskSignatures.new_accumulator(ctx.num_classes, self.model.embed_dim)
+        features = features or self.model.features
+        acc = TaskSignatures.new_accumulator(ctx.num_classes, dim or self.model.embed_dim)
         for x, y in ctx.progress(ctx.stats_loader, f"task {ctx.task + 1} statistics"):
-            TaskSignatures.accumulate(acc, self.model.features(x.to(ctx.device)), y)
+            TaskSignatures.accumulate(acc, features(x.to(ctx.device)), y)
         for tensor in acc.values():  # sums over the torchrun processes' shards
             distributed.all_reduce_sum_(tensor)
-        if (acc["n"] <= 0).any():
-            raise TrainingError(f"task {ctx.task + 1}: every class needs at least one training image")
+        require_every_class(acc["n"], ctx.task)
         return acc
 
     def end_task(self, ctx: TaskContext) -> dict:
