@@ -153,7 +153,7 @@ def test_inflora_keeps_old_task_outputs_with_eps_one():
 
 
 # ---------------------------------------------------------------------- SD-LoRA
-def test_sdlora_keeps_earlier_directions_and_learns_magnitudes():
+def test_sdlora_official_structure_separate_qv_shared_magnitudes_normalised_directions():
     learner = make_learner("sd-lora")
     method = learner.method
     assert isinstance(method, SDLoRA)
@@ -172,8 +172,16 @@ def test_sdlora_keeps_earlier_directions_and_learns_magnitudes():
 
     method.end_task = end  # type: ignore[method-assign]
     learn(learner, TASKS[:2])
-    snap = {n: [(b.A[j].detach().clone(), b.B[j].detach().clone(), b.norms[j], float(b.alpha[j].detach()))
-                for j in range(2)] for n, b in method.branches.items()}
+    # separate q and v LoRAs on every qkv layer, each with its own factors, on its own rows
+    assert sorted(method.branches) == sorted(f"blocks.{i}.attn.qkv.{p}" for i in range(2) for p in "qv")
+    q, v = method.branches["blocks.0.attn.qkv.q"], method.branches["blocks.0.attn.qkv.v"]
+    d = q.in_features
+    assert q.rows == ((0, d),) and v.rows == ((2 * d, 3 * d),)
+    assert not torch.equal(q.A[0], v.A[0]) and not torch.equal(q.B[0], v.B[0])
+    snap = {n: (b.A[0].detach().clone(), b.B[0].detach().clone(), b.A[1].detach().clone(),
+                b.B[1].detach().clone()) for n, b in method.branches.items()}
+    learned = [float(m) for m in method.magnitudes]
+    assert len(learned) == 2 and learned[1] != pytest.approx(0.8, abs=1e-6)  # trained in task 2
     groups = None
     orig_groups = method.param_groups
 
@@ -183,27 +191,44 @@ def test_sdlora_keeps_earlier_directions_and_learns_magnitudes():
         return groups
 
     method.param_groups = spy  # type: ignore[method-assign]
+    start_values: list[float] = []
+    orig_begin = method.begin_task
+
+    def begin(ctx):
+        out = orig_begin(ctx)
+        start_values.extend(float(m.detach()) for m in method.magnitudes)
+        return out
+
+    method.begin_task = begin  # type: ignore[method-assign]
     learner.learn_task(make_data(TASKS[2], 20, seed=2), TASKS[2])
-    assert max(continuity) < 1e-5  # magnitude/direction split leaves the function unchanged
-    moved = 0
+    assert max(continuity) < 1e-6  # end_task leaves the function as trained
+    # every magnitude restarts at 0.8 at the start of a task, as in the official code, and trains
+    assert start_values == pytest.approx([0.8, 0.8, 0.8])
+    assert len(method.magnitudes) == 3 and all(not m.requires_grad for m in method.magnitudes)
     for name, b in method.branches.items():
         assert b.tasks == [0, 1, 2]
-        for j in range(2):
-            A, B, norm, alpha = snap[name][j]
-            assert torch.equal(b.A[j], A) and torch.equal(b.B[j], B) and b.norms[j] == norm
-            assert not b.A[j].requires_grad and not b.B[j].requires_grad
-            assert norm > 0 and b.alpha[j].requires_grad
-            moved += int(float(b.alpha[j].detach()) != alpha)
-        # the new task's LoRA trained both factors; its direction is unit-normalised with magnitude alpha
-        assert float(torch.linalg.matrix_norm(b.B[2].detach() @ b.A[2].detach())) == pytest.approx(b.norms[2], rel=1e-5)
-        assert float(b.alpha[2].detach()) == pytest.approx(b.norms[2], rel=1e-6)
-        assert b.num_rows == 2 * b.in_features  # q and v rows
-    assert moved > 0  # earlier magnitudes were learned in task 3
+        A0, B0, A1, B1 = snap[name]
+        assert torch.equal(b.A[0], A0) and torch.equal(b.B[0], B0) and torch.equal(b.A[1], A1)
+        # earlier directions divided by ||B||_F ||A||_F (the official normalisation); the current one is not
+        for j, (A, B) in enumerate([(A0, B0), (A1, B1)]):
+            want = float(torch.linalg.matrix_norm(B.double()) * torch.linalg.matrix_norm(A.double()))
+            assert b.norms[j] == pytest.approx(want, rel=1e-12)
+        assert b.norms[2] == 1.0
+        # one magnitude per task, the same parameter object on every layer and on q and v
+        for j in range(3):
+            assert b.alpha[j] is method.magnitudes[j]
     assert groups is not None
-    trained = {id(p) for p in groups["adapters"]}
+    trained = [id(p) for p in groups["adapters"]]
+    assert len(trained) == len(set(trained)) == 2 * len(method.branches) + 3
     for b in method.branches.values():
-        assert {id(b.alpha[0]), id(b.alpha[1]), id(b.A[2]), id(b.B[2])} <= trained
-        assert not {id(b.A[0]), id(b.B[0]), id(b.A[1]), id(b.B[1])} & trained
+        assert {id(b.A[2]), id(b.B[2])} <= set(trained)
+        assert not {id(b.A[0]), id(b.B[0]), id(b.A[1]), id(b.B[1])} & set(trained)
+    assert {id(m) for m in method.magnitudes} <= set(trained)
+    # the branch formula: delta = sum_j alpha_j / n_j * B_j A_j h on the q rows
+    h = torch.randn(3, q.in_features)
+    with torch.no_grad():
+        ref = sum(float(method.magnitudes[j]) / q.norms[j] * (h @ q.A[j].T @ q.B[j].T) for j in range(3))
+        assert torch.allclose(q.delta(h), ref, atol=1e-5)
 
 
 def test_low_rank_branches_hook_formula():
@@ -513,3 +538,97 @@ def test_ncm_gate_reads_the_gate_features_of_the_untouched_backbone():
     assert torch.allclose(torch.cat(captured, 1), got, atol=1e-6)
     with pytest.raises(ConfigError, match="gate_layer=9"):
         make_learner("ncm-gate", ["method.gate_layer=9"])
+
+
+# ---------------------------------------------------------------------- heads with DualLoRA's task posterior
+@pytest.mark.parametrize("method", ["frozen", "seq-lora", "inflora", "sd-lora"])
+def test_posterior_variant_trains_the_same_model_and_keeps_its_within_task_predictions(method):
+    from duallora.methods.calibration import calibrate
+
+    heads = make_learner(method, ["method.gate_layer=1"])
+    gate = make_learner(method, ["method.gate_layer=1", "method.task_posterior=gate"])
+    learn(heads)
+    learn(gate)
+    for a, b in zip(heads.model.heads, gate.model.heads):
+        assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)  # the same training
+    assert gate.method.posterior.signatures.num_tasks == 2 and heads.method.posterior is None
+    x = make_data([7, 3, 0, 9], 3, seed=21).tensors[0]
+    with torch.no_grad():
+        logits = heads.method.logits(x)
+        assert torch.equal(gate.method.logits(x), logits)
+        plain, calibrated = heads.method.infer(x), gate.method.infer(x)
+    assert torch.allclose(plain.probs, torch.softmax(logits, dim=1))
+    # within each task the calibrated output ranks classes exactly as the base method's heads do
+    # (images whose posterior for the task underflowed to 0 have no ranking left to compare)
+    for j, (lo, hi) in enumerate(((0, 2), (2, 4))):
+        live = calibrated.task_posterior[:, j] > 0
+        assert live.any()
+        assert torch.equal(calibrated.probs[live, lo:hi].argmax(1), plain.probs[live, lo:hi].argmax(1))
+    assert torch.allclose(calibrated.probs, calibrate(logits, calibrated.task_posterior, [2, 2], "product"))
+    assert torch.allclose(calibrated.probs.sum(1), torch.ones(12), atol=1e-5)
+    # the posterior is DualLoRA's: min Mahalanobis distance per task of the gate features
+    if method == "frozen":  # no adapters: the gate features are ncm-gate's on the untouched backbone
+        ncm = make_learner("ncm-gate", ["method.gate_layer=1"])
+        learn(ncm)
+        with torch.no_grad():
+            z = ncm.method.gate_features(x)
+        want = ncm.method.signatures.task_posterior(z)
+        assert torch.allclose(calibrated.task_posterior, want, atol=1e-6)
+
+
+def test_posterior_variant_round_trips_its_statistics(tmp_path):
+    learner = make_learner("inflora", ["method.gate_layer=1", "method.task_posterior=gate"])
+    learn(learner)
+    x = make_data([7, 3, 0, 9], 2, seed=3).tensors[0]
+    path = learner.save(tmp_path / "ckpt.safetensors")
+    loaded = ContinualLearner.load(path, device=torch.device("cpu"), backbone=small_backbone())
+    assert torch.equal(loaded.predict(x).probs, learner.predict(x).probs)
+
+
+# ---------------------------------------------------------------------- official settings
+def test_l2p_head_reads_the_mean_of_the_prompt_tokens_and_pool_starts_in_unit_interval():
+    learner = make_learner("l2p", ["method.prompt_pool=6", "method.prompt_top_k=2", "method.prompt_length=3"])
+    method = learner.method
+    # nn.init.uniform_: U(0, 1)
+    assert float(method.prompts.detach().min()) >= 0 and float(method.prompts.detach().max()) < 1
+    assert float(method.keys.detach().min()) >= 0 and float(method.keys.detach().max()) < 1
+    learn(learner, TASKS[:1], per_class=5)
+    x = make_data([7, 3], 2, seed=4).tensors[0]
+    outputs = []
+    handle = learner.model.backbone.norm.register_forward_hook(lambda m, i, o: outputs.append(o))
+    with torch.no_grad():
+        _, idx = method.select(method.query(x))
+        feats = method.prompted_features(x, idx)
+    handle.remove()
+    tokens = outputs[-1]  # (B, 1 + 2 * 3 + patches, D): [cls, prompts, patches]
+    assert torch.allclose(feats, tokens[:, 1:7].mean(dim=1), atol=1e-6)
+    assert not torch.allclose(feats, tokens[:, 0], atol=1e-3)
+
+
+def test_grad_clip_bounds_every_step_to_the_clipped_norm():
+    lr, clip = 1.0, 1e-3
+    learner = make_learner("frozen", ["train.optimizer=sgd", "train.momentum=0.0", f"train.lr={lr}",
+                                      "train.scheduler=constant", f"train.grad_clip={clip}", "train.epochs=1",
+                                      "train.min_steps=0"])
+    steps: list[float] = []
+    head = None
+    before: list[torch.Tensor] = []
+
+    def on_step(task, loss, opt):
+        nonlocal head
+        head = learner.model.heads[task]
+        before.append(torch.cat([p.detach().flatten().clone() for p in head.parameters()]))
+
+    learner.step_callback = on_step
+    learn(learner, TASKS[:1], per_class=40)
+    assert head is not None and len(before) >= 3
+    # the callback runs after each optimizer step: consecutive snapshots differ by one update
+    for a, b in zip(before, before[1:]):
+        steps.append(float((b - a).norm()))
+    # SGD without momentum: each update is lr * the clipped gradient, whose norm is at most `clip`
+    assert max(steps) <= lr * clip * (1 + 1e-4) and min(steps) > 0.5 * lr * clip
+
+
+def test_grad_clip_must_be_positive():
+    with pytest.raises(ConfigError, match="train.grad_clip=0.0 must be > 0"):
+        load_config(None, ["train.grad_clip=0"])

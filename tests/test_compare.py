@@ -429,6 +429,30 @@ def test_inference_only_variants_are_derived_and_equal_trained_runs(finished, tm
         assert a["task_id_accuracy_after_task"] == b["task_id_accuracy_after_task"]
 
 
+def test_posterior_variant_is_derived_from_its_base_method_and_equals_a_trained_run(finished, tmp_path, tiny):
+    _, out = copy_of(finished, tmp_path)
+    variants = {"frozen": ["method.name=frozen"],
+                "frozen-posterior": ["method.name=frozen", "method.task_posterior=gate"]}
+    spec = tiny_spec(tmp_path / "spec.yaml", tiny, variants, seeds=(0,))
+    result = invoke("compare", spec, "-o", out, "--seeds", "0")
+    assert result.exit_code == 0, result.output
+    assert "inference-only change from frozen" in result.output
+    m = json.loads((out / "runs/frozen-posterior/seed-0/metrics.json").read_text())
+    base = json.loads((out / "runs/frozen/seed-0/metrics.json").read_text())
+    assert m["derived_from"] == "../../frozen/seed-0"
+    assert "method.task_posterior" in m["derived_keys"] and m["derived_statistics_time_s"] > 0
+    # the statistics passes gathered again count as training time
+    assert m["train_time_s"] == pytest.approx(base["train_time_s"] + m["derived_statistics_time_s"])
+    trained = tmp_path / "trained"
+    result = invoke("compare", spec, "-o", trained, "--seeds", "0", "--only", "frozen-posterior", "--no-derive")
+    assert result.exit_code == 0, result.output
+    t = json.loads((trained / "runs/frozen-posterior/seed-0/metrics.json").read_text())
+    assert "derived_from" not in t
+    assert m["accuracy_matrix"] == t["accuracy_matrix"]
+    assert m["task_id_accuracy_after_task"] == t["task_id_accuracy_after_task"]
+    assert m["task_id_accuracy_after_task"] != base["task_id_accuracy_after_task"]
+
+
 def test_compare_uses_only_public_helpers_of_runner_and_reporting():
     """The compare package uses no underscore name of duallora.runner or duallora.reporting."""
     import ast

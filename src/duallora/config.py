@@ -138,6 +138,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     momentum: float = 0.9  #: sgd only
     scheduler: str = "cosine"  #: cosine | constant (per step, over all epochs of a task)
+    #: clip the global L2 norm of the trained parameters' gradients to this (L2's 1.0); None = no clipping
+    grad_clip: Optional[float] = None
     eval_batch_size: int = 256
     device: str = "auto"  #: auto | cpu | cuda | cuda:N | mps
     threads: Optional[int] = None  #: torch CPU threads; None = torch default
@@ -274,6 +276,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     check_finite(cfg)
     if not 0 <= cfg.seed < 2**32:
         raise ConfigError(f"seed={cfg.seed} must be an integer in [0, 2**32)")
+    if cfg.train.grad_clip is not None and not cfg.train.grad_clip > 0:
+        raise ConfigError(f"train.grad_clip={cfg.train.grad_clip} must be > 0 (or null for no clipping)")
     if cfg.train.threads is not None and cfg.train.threads < 1:
         raise ConfigError(f"train.threads={cfg.train.threads} must be >= 1 (or null for torch's default)")
     for key, allowed in CHOICES.items():

@@ -54,8 +54,7 @@ from duallora.tensorboard import require as require_tensorboard
 from duallora.training import ContinualLearner, make_progress, select_device
 
 __all__ = [
-    "default_output", "build_scenario", "run_experiment", "INFERENCE_ONLY_KEYS", "inference_only_change",
-    "derive_run", "find_checkpoints", "evaluate_checkpoints",
+    "default_output", "build_scenario", "run_experiment", "find_checkpoints", "evaluate_checkpoints",
     # re-exported from duallora.run_records
     "RESUME_IGNORED_KEYS", "config_differences", "data_identity", "class_order_record", "data_changes",
     "check_same_data", "RunState", "run_metrics", "write_outputs",
@@ -372,83 +371,6 @@ def run_experiment(cfg: Optional[RunConfig], output: Optional[Path] = None, *, o
             rundir.release()  # the folder lock (another process may resume it now)
 
 
-#: DualLoRA method keys that change only how a trained model predicts, when the task posterior is the
-#: shared gate's (``gate=shared``, ``task_id_features`` auto/gate): no training step, statistics pass or
-#: stored tensor depends on them (the signatures keep means, scatter and subspace bases for every score).
-INFERENCE_ONLY_KEYS = {("method", "calibration"), ("method", "confidence_threshold"),
-                       ("method", "task_id_score"), ("method", "tau_id")}
-
-
-def inference_only_change(a: RunConfig, b: RunConfig) -> bool:
-    """Whether runs of ``a`` and ``b`` train the same model and differ only in how it predicts.
-
-    True when both are ``duallora`` with the shared gate as task posterior and every key outside
-    :data:`INFERENCE_ONLY_KEYS` (and :data:`RESUME_IGNORED_KEYS`) is equal; a run of ``b`` then equals
-    the checkpoints of a run of ``a`` evaluated under ``b`` (:func:`derive_run`).
-    """
-    for cfg in (a, b):
-        if cfg.method.name != "duallora" or cfg.method.gate != "shared" or cfg.method.task_id_features == "final":
-            return False
-    return not config_differences(a, b, RESUME_IGNORED_KEYS | INFERENCE_ONLY_KEYS)
-
-
-def derive_run(source: Path, cfg: RunConfig, output: Path, *, overwrite: bool = False,
-               echo: Echo = print) -> dict[str, Any]:
-    """A run of ``cfg`` made from a finished run of a config that trains the same model.
-
-    Every task checkpoint of ``source`` is loaded with ``cfg`` (an inference-only change, see
-    :func:`inference_only_change`) and evaluated as the run would have after that task; the run
-    folder written to ``output`` has the same files as :func:`run_experiment`'s except the
-    checkpoints (they would equal ``source``'s), and ``metrics.json`` names ``derived_from`` (the
-    source folder, relative to ``output``) and ``derived_keys`` (the keys such a change may touch).
-    Its ``train_time_s`` is the source's (the same training), its evaluation times are measured.
-
-    Raises:
-        CheckpointError: ``source`` is not a finished run, lacks checkpoints, or its config is not an
-            inference-only change away from ``cfg``; and as :func:`run_experiment` for ``output``.
-    """
-    wall_start = time.perf_counter()
-    source = Path(source)
-    if not (source / "metrics.json").is_file():
-        raise CheckpointError(f"{source} is not a finished run (no metrics.json)")
-    stored = config_mod.load_config(source / "config.yaml")
-    if not inference_only_change(stored, cfg):
-        raise CheckpointError(f"{source} trained a different model than the config given; run it instead")
-    files = find_checkpoints(source / "checkpoints")
-    source_metrics = json.loads((source / "metrics.json").read_text())
-    if len(files) != source_metrics["num_tasks"]:
-        raise CheckpointError(f"{source} has {len(files)} checkpoints for {source_metrics['num_tasks']} tasks")
-    rundir = RunDirectory(Path(output), overwrite=overwrite, runs_only=True, protect=[cfg.data.root, source])
-    try:
-        return _derive_into(rundir, source, files, source_metrics, cfg, output, echo, wall_start)
-    finally:
-        rundir.release()
-
-
-def _derive_into(rundir: RunDirectory, source: Path, files: list[Path], source_metrics: dict[str, Any],
-                 cfg: RunConfig, output: Path, echo: Echo, wall_start: float) -> dict[str, Any]:
-    """Evaluate ``source``'s checkpoints under ``cfg`` into ``rundir`` and publish it (:func:`derive_run`)."""
-    state = RunState()
-    learner = scenario = None
-    for _, learner, scenario, ev, seconds in _evaluate_each(files, lambda meta: cfg, cfg.train.progress):  # noqa: B007
-        state.add_evaluation(ev, seconds)
-        echo(f"task {len(state.rows)}/{len(files)}: accuracy per task {[round(a, 2) for a in ev['accuracy']]}, "
-             f"task-id {ev['task_id_accuracy']:.2f}%")
-    assert scenario is not None and learner is not None
-    stage = rundir.path
-    write_text_atomic(stage / "config.yaml", config_mod.to_yaml(cfg))
-    write_json_atomic(stage / "class_order.json", class_order_record(scenario))
-    state.train_time = float(source_metrics["train_time_s"])  # the same training as the source's
-    metrics = run_metrics(cfg, scenario, learner.backbone_info, state)
-    metrics.update({"wall_time_s": time.perf_counter() - wall_start, "resumed_after_task": None,
-                    "device": str(learner.device), "world_size": 1,
-                    "derived_from": os.path.relpath(source, Path(output)),
-                    "derived_keys": sorted(f"{a}.{b}" for a, b in INFERENCE_ONLY_KEYS)})
-    write_outputs(stage, cfg, scenario, metrics, learner.history)
-    metrics["output"] = str(rundir.commit())
-    return metrics
-
-
 _TASK_FILE = re.compile(r"task_(\d+)\.safetensors$")
 
 
@@ -473,9 +395,11 @@ def find_checkpoints(path: Path) -> list[Path]:
     return [p for _, p in found]
 
 
-def _evaluate_each(files: list[Path], config_of: Callable[[dict[str, Any]], RunConfig], progress: bool):
+def evaluate_each(files: list[Path], config_of: Callable[[dict[str, Any]], RunConfig], progress: bool,
+                   prepare: Optional[Callable[[ContinualLearner, ClassIncrementalScenario], None]] = None):
     """Load every checkpoint with ``config_of(its metadata)`` and evaluate it on the test data of its
-    tasks. Yields ``(file, learner, scenario, evaluation, seconds of the evaluation)``.
+    tasks; ``prepare(learner, scenario)`` runs after each load, before the evaluation. Yields
+    ``(file, learner, scenario, evaluation, seconds of the evaluation)``.
 
     Raises:
         CheckpointError: a checkpoint's classes differ from the scenario rebuilt from its config.
@@ -493,6 +417,8 @@ def _evaluate_each(files: list[Path], config_of: Callable[[dict[str, Any]], RunC
         if [list(t.classes) for t in scenario.tasks[:k]] != [list(c) for c in learner.task_classes]:
             raise CheckpointError(f"{f.name}: the rebuilt class order differs from the checkpoint's; "
                                   "was the data changed?")
+        if prepare is not None:
+            prepare(learner, scenario)
         t0 = time.perf_counter()
         ev = learner.evaluate([scenario.test_dataset(i) for i in range(k)])
         yield f, learner, scenario, ev, time.perf_counter() - t0
@@ -574,7 +500,7 @@ def evaluate_checkpoints(path: Path, *, echo: Echo = print, progress: bool = Tru
     rows: list[list[float]] = []
     task_ids: list[float] = []
     scenario = None
-    for f, _, scenario, ev, _ in _evaluate_each(files, _stored_config(progress, data_root, overrides), progress):  # noqa: B007
+    for f, _, scenario, ev, _ in evaluate_each(files, _stored_config(progress, data_root, overrides), progress):  # noqa: B007
         rows.append(ev["accuracy"])
         task_ids.append(ev["task_id_accuracy"])
         echo(f"{f.name}: accuracy per task {[round(a, 2) for a in ev['accuracy']]}, "

@@ -292,9 +292,7 @@ class ContinualLearner:
             raise ValueError(f"classes {sorted(overlap)} were already learned in an earlier task")
         t = len(self.task_classes)
         data = _LocalLabels(train_data, {c: i for i, c in enumerate(classes)})
-        stats_loader = self._loader(self._statistics_subset(data, t), self.cfg.train.eval_batch_size, shuffle=False)
-        ctx = TaskContext(task=t, num_classes=len(classes), num_tasks=self.num_tasks,
-                          stats_loader=stats_loader, device=self.device, progress=self.progress)
+        ctx = self._context(data, t, len(classes))
         start = time.perf_counter()
         begin_info = self._begin(ctx)
         run = self._prepare_training(data, t)
@@ -311,6 +309,25 @@ class ContinualLearner:
                 warnings.warn(msg, TrainingBudgetWarning, stacklevel=2)
         self.history.append(record)
         return record
+
+    def _context(self, data: Dataset, t: int, num_classes: int) -> TaskContext:
+        """The hooks' :class:`TaskContext` of task ``t`` whose training images ``data`` carry local labels."""
+        stats_loader = self._loader(self._statistics_subset(data, t), self.cfg.train.eval_batch_size, shuffle=False)
+        return TaskContext(task=t, num_classes=num_classes, num_tasks=self.num_tasks,
+                           stats_loader=stats_loader, device=self.device, progress=self.progress)
+
+    def task_context(self, train_data: Dataset, task: int) -> TaskContext:
+        """The :class:`TaskContext` that ``learn_task`` gave the method for the already learned task
+        ``task`` (0-based) with training images ``train_data`` (dataset label ids), e.g. to add
+        statistics to a loaded checkpoint (:func:`duallora.derivation.derive_run`).
+
+        Raises:
+            IndexError: ``task`` was not learned.
+        """
+        if not 0 <= task < len(self.task_classes):
+            raise IndexError(f"task {task + 1} was not learned ({len(self.task_classes)} tasks)")
+        classes = self.task_classes[task]
+        return self._context(_LocalLabels(train_data, {c: i for i, c in enumerate(classes)}), task, len(classes))
 
     def _begin(self, ctx: TaskContext) -> dict:
         """The method's ``begin_task`` (under the precision policy), the model in eval mode."""
@@ -400,12 +417,18 @@ class ContinualLearner:
         # a method's extra loss terms are trained on, but the record keeps the plain cross-entropy
         recorded = loss if run.plain_loss else F.cross_entropy(logits.detach(), y)
         opt.zero_grad(set_to_none=True)
+        clip = self.cfg.train.grad_clip
         if run.scaler is not None:
             run.scaler.scale(loss).backward()
+            if clip is not None:
+                run.scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(run.trainable, clip)
             run.scaler.step(opt)
             run.scaler.update()
         else:
             loss.backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(run.trainable, clip)
             opt.step()
         value = recorded.item()
         if self.step_callback is not None:  # before the schedule moves: the rate this step used
@@ -586,7 +609,7 @@ class ContinualLearner:
 
         Args:
             cfg: build the learner with this config instead of the stored one (it must describe the
-                same trained state, e.g. another calibration: ``runner.inference_only_change``).
+                same trained state, e.g. another calibration: ``derivation.inference_only_change``).
 
         Raises:
             CheckpointError: unreadable file, or backbone weights whose sha256 differs from the record.

@@ -203,7 +203,7 @@ def planned_derivations(planned: Sequence[PlannedRun]) -> dict[int, str]:
     """Which runs to be made will be derived (:func:`derivation_source`) rather than trained, as far
     as the plan tells: ``{index in planned: source variant}`` for each run to run whose config is an
     inference-only change from an earlier trained run of the same seed that is reused or runs first."""
-    from duallora.runner import inference_only_change
+    from duallora.derivation import inference_only_change
 
     derived: dict[int, str] = {}
     for i, p in enumerate(planned):
@@ -220,8 +220,8 @@ def planned_derivations(planned: Sequence[PlannedRun]) -> dict[int, str]:
 
 def derivation_source(run: PlannedRun, planned: Sequence[PlannedRun]) -> Optional[PlannedRun]:
     """A finished, trained (not itself derived) run of the same seed whose config trains the same model
-    as ``run``'s (:func:`duallora.runner.inference_only_change`), or None."""
-    from duallora.runner import inference_only_change
+    as ``run``'s (:func:`duallora.derivation.inference_only_change`), or None."""
+    from duallora.derivation import inference_only_change
 
     for other in planned:
         if other is run or other.seed != run.seed or not (other.folder / "metrics.json").is_file():

@@ -1,7 +1,7 @@
 """Running a compare: the plan's runs one after another in this process, the summary after each.
 
 Each run is made by :func:`duallora.runner.run_experiment` (a fresh or resumed run) or
-:func:`duallora.runner.derive_run` (an inference-only change from a finished run's checkpoints).
+:func:`duallora.derivation.derive_run` (an inference-only change from a finished run's checkpoints).
 A run that raises a :class:`~duallora.errors.DualLoRAError` is reported and the others go on.
 ``DIR/.compare.lock`` keeps a second compare off the same folder.
 """
@@ -108,11 +108,11 @@ def _make_run(p: PlannedRun, source: Optional[PlannedRun], echo: Echo, inner: Ec
         DualLoRAError: the run failed (its folder's earlier content is untouched).
         KeyboardInterrupt: interrupted (the unfinished run stays to be resumed).
     """
-    from duallora import runner
+    from duallora import derivation, runner
 
     if source is not None:
         echo(f"  inference-only change from {source.variant}: evaluating its checkpoints")
-        runner.derive_run(source.folder, p.cfg, p.folder, overwrite=p.discard, echo=inner)
+        derivation.derive_run(source.folder, p.cfg, p.folder, overwrite=p.discard, echo=inner)
     elif p.action == RESUME:
         runner.run_experiment(p.cfg, p.folder, resume=True, echo=inner)
     else:
@@ -184,7 +184,7 @@ def run_compare(spec: CompareSpec, output: str | Path, *, seeds: Optional[Sequen
         verbose: also pass the runner's per-task lines to ``echo`` (indented).
         derive: make a run whose config is an inference-only change from a finished run of the same
             seed in this compare (e.g. another calibration) by evaluating that run's checkpoints
-            (:func:`duallora.runner.derive_run`) instead of training the same model again.
+            (:func:`duallora.derivation.derive_run`) instead of training the same model again.
 
     Returns:
         the :class:`CompareResult`.

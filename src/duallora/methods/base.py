@@ -201,12 +201,17 @@ class ContinualMethod(nn.Module):
         self.tasks_learned = ctx.task + 1
         return {}
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenated head logits (B, C) of images ``x`` (B, C, H, W), classes in position order;
+        default ``head_logits(features(x))``: one forward pass."""
+        return self.model.head_logits(self.model.features(x))
+
     @torch.no_grad()
     def infer(self, x: torch.Tensor) -> Inference:
         """Images ``x`` (B, C, H, W) -> :class:`Inference`, every image on its own (no batch
-        statistics). Default: plain concatenated logits -> softmax; task posterior = class
+        statistics). Default: plain concatenated :meth:`logits` -> softmax; task posterior = class
         probabilities summed per task."""
-        logits = self.model.head_logits(self.model.features(x))
+        logits = self.logits(x)
         probs = torch.softmax(logits, dim=1)
         return Inference(probs, posterior_from_probs(probs, self.model.head_sizes))
 

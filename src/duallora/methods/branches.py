@@ -122,7 +122,7 @@ class LowRankBranches(nn.Module):
         for j in range(len(self.tasks)):
             out[f"{prefix}{j}.A"] = self.A[j].detach()
             out[f"{prefix}{j}.B"] = self.B[j].detach()
-            out[f"{prefix}{j}.alpha"] = self.alpha[j].detach().reshape(1)
+            out[f"{prefix}{j}.alpha"] = self.alpha[j].detach().reshape(1).clone()  # may be shared (SD-LoRA)
             out[f"{prefix}{j}.norm"] = torch.tensor([self.norms[j]], dtype=torch.float64)
         if self.tasks:
             out[f"{prefix}tasks"] = torch.tensor(self.tasks, dtype=torch.int64)
@@ -160,8 +160,10 @@ class BranchMethod(ContinualMethod):
     """Shared machinery: one :class:`LowRankBranches` per adapted layer, saved with the heads.
 
     Not registered itself; a subclass sets ``parts`` (the q/k/v parts of a fused ``attn.qkv`` its
-    branches write to; other layers get every row) and ``_trainable_alpha`` (whether the branch
-    magnitudes train after a load).
+    branches write to; other layers get every row), ``separate_parts`` (one branch set per part of a
+    ``qkv`` layer, keyed ``<layer>.q`` / ``.k`` / ``.v``, each with its own factors, instead of one
+    whose ``A`` all parts share) and ``_trainable_alpha`` (whether the branch magnitudes train after
+    a load).
 
     Raises:
         ConfigError: no adapted layer (empty ``method.adapted_modules``), or a ``qkv`` layer whose
@@ -169,21 +171,28 @@ class BranchMethod(ContinualMethod):
     """
 
     parts: Sequence[int] = (0, 1, 2)
+    separate_parts = False
     _trainable_alpha = False
 
     def __init__(self, model: AdaptedViT, cfg: MethodConfig, seed: int = 0) -> None:
         super().__init__(model, cfg, seed)
         if not model.adapted:
             raise ConfigError(f"method {self.name!r} needs at least one adapted layer (method.adapted_modules)")
-        self.branches: dict[str, LowRankBranches] = {
-            site.name: LowRankBranches(site.layer, qkv_rows(site.name, site.layer.out_features, self.parts))
-            for site in model.adapted_sites()
-        }
+        self.branches: dict[str, LowRankBranches] = {}
+        self._site_of: dict[str, str] = {}  # branch key -> adapted layer name
+        for site in model.adapted_sites():
+            qkv = site.name.endswith("attn.qkv")
+            groups = [(p,) for p in self.parts] if self.separate_parts and qkv else [tuple(self.parts)]
+            for group in groups:
+                key = f"{site.name}.{'qkv'[group[0]]}" if len(groups) > 1 else site.name
+                self.branches[key] = LowRankBranches(site.layer, qkv_rows(site.name, site.layer.out_features, group))
+                self._site_of[key] = site.name
         # registered (for .to / .parameters) under names without dots
         self.branch_modules = nn.ModuleDict({n.replace(".", "_"): b for n, b in self.branches.items()})
 
-    def _weight(self, name: str) -> torch.Tensor:
-        return self.model.adapted[name].base.weight
+    def _weight(self, key: str) -> torch.Tensor:
+        """The frozen weight of the layer branch set ``key`` is hooked on."""
+        return self.model.adapted[self._site_of[key]].base.weight
 
     def _current(self, task: int) -> list[tuple[LowRankBranches, int]]:
         return [(b, b.tasks.index(task)) for b in self.branches.values() if task in b.tasks]

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 from duallora.methods.base import ContinualMethod
+from duallora.methods.posterior import POSTERIOR_OPTIONS, PosteriorHeads
 from duallora.methods.registry import register_method
 
 
 @register_method
-class Frozen(ContinualMethod):
+class Frozen(PosteriorHeads, ContinualMethod):
     """Reference: frozen backbone, per-task linear heads, plain concatenated logits, no adapters.
 
     Everything is :class:`ContinualMethod`'s default: a head per task trained with cross-entropy
-    over its classes, inference = softmax over the concatenated logits. It reads no option.
+    over its classes, inference = softmax over the concatenated logits. With
+    ``method.task_posterior=gate`` (variant ``frozen-posterior``) the output is calibrated with
+    DualLoRA's task posterior instead (:class:`~duallora.methods.posterior.PosteriorHeads`).
     """
 
     name = "frozen"
     uses_adapters = False
+    options = dict(POSTERIOR_OPTIONS)

@@ -18,6 +18,7 @@ from duallora.methods.options import (
     RANK_ORTHOGONAL,
     STAT_IMAGES,
 )
+from duallora.methods.posterior import POSTERIOR_OPTIONS, PosteriorHeads
 from duallora.methods.registry import register_method
 from duallora.model import AdaptedViT
 
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 
 
 @register_method
-class InfLoRA(BranchMethod):
+class InfLoRA(PosteriorHeads, BranchMethod):
     """InfLoRA: interference-free low-rank adaptation (Liang and Li, CVPR 2024, arXiv 2404.00228).
 
     Every adapted layer (default: the attention ``qkv`` of every block) gets one LoRA branch per task,
@@ -61,6 +62,7 @@ class InfLoRA(BranchMethod):
         "energy_threshold_start": ENERGY_THRESHOLD_START,
         "energy_threshold_end": ENERGY_THRESHOLD_END,
         "stat_images": STAT_IMAGES,
+        **POSTERIOR_OPTIONS,
     }
     parts = (1, 2)  # k, v
 

@@ -40,20 +40,29 @@ class L2P(ContinualMethod):
     2. Selection: the ``prompt_top_k`` keys with the highest cosine similarity to ``q(x)``, per image
        (so an image gets the same prompts in any batch).
     3. Prompted pass: the selected prompts are inserted after the class token (after the position
-       embedding, so prompts carry none) and the sequence runs through the blocks; the class token's
-       final feature feeds the heads.
+       embedding, so prompts carry none) and the sequence runs through the blocks; the mean of the
+       prompt tokens' final features (after the final norm) feeds the heads (``head_type=prompt``).
     4. Training: prompts, keys and the task's head; loss = cross-entropy over the task's classes +
        ``prompt_key_weight`` * mean over images of sum over selected keys of ``(1 - cos(q(x), k))``
        (the surrogate key-matching loss). The pool is shared and trained in every task.
     5. Inference: both passes, plain concatenated logits: two forward passes per image, against
        DualLoRA's one (the speed comparison of method.md).
 
+    Source of every setting: the PyTorch reimplementation the field compares against
+    (JH-LEE-KR/l2p-pytorch, ``configs/cifar100_l2p.py``, ``prompt.py``, ``vision_transformer.py``,
+    ``engine.py``): pool 10, length 5, top-k 5, ``pull_constraint_coeff`` 0.1, prompts and keys
+    ``nn.init.uniform_`` (U(0, 1)), ``head_type=prompt`` (mean of the prompt tokens' outputs), logits
+    of other tasks' classes masked (``train_mask``: cross-entropy over the task's classes), Adam,
+    lr ``0.03 * batch / 256``, constant schedule, gradient clipping 1.0 (``train.grad_clip``), 5
+    epochs. The optimiser settings are ``train.*`` keys: the comparison specs
+    (``configs/compare/*.yaml``) set them for the ``l2p`` variant.
     Reproduced: pool, keys, per-image top-N cosine selection, prompt prepending (prompt tuning), the
-    surrogate loss with its weight, frozen backbone, two-pass inference, per-task classifiers
-    trained on their own classes (L2P masks the logits of other tasks' classes).
-    Not reproduced: the optional batch-wise prompt-frequency penalty, the classifier on the average of
-    the prompt tokens' outputs (we use the class token), prompt initialisation details beyond
-    uniform(-1, 1), and the paper's ViT-B/16 training schedule.
+    surrogate loss with its weight, initialisation, the prompt-token head, frozen backbone, two-pass
+    inference, per-task classifiers trained on their own classes.
+    Not reproduced: ``batchwise_prompt`` (the reimplementation replaces each image's prompts by the
+    batch's most frequent ones, which makes a prediction depend on the other images of its batch; we
+    keep the selection per image), the JAX original's variants (length 10, top-k 4, U[0, 0.01),
+    weight 1.0), and ViT-B/16 at 224 px.
     """
 
     name = "l2p"
@@ -71,15 +80,16 @@ class L2P(ContinualMethod):
         if cfg.prompt_top_k > cfg.prompt_pool:
             raise ConfigError(f"method.prompt_top_k={cfg.prompt_top_k} exceeds method.prompt_pool={cfg.prompt_pool}")
         bb = model.backbone
-        for attr in ("patch_embed", "_pos_embed", "patch_drop", "norm_pre", "blocks", "norm", "forward_head"):
+        for attr in ("patch_embed", "_pos_embed", "patch_drop", "norm_pre", "blocks", "norm"):
             if not hasattr(bb, attr):
                 raise ConfigError(f"l2p needs a timm VisionTransformer backbone; it has no {attr!r}")
         D = model.embed_dim
         w = next(bb.parameters())
         g = self.task_generator(0, 2)
-        self.prompts = nn.Parameter(torch.empty(cfg.prompt_pool, cfg.prompt_length, D).uniform_(-1, 1, generator=g)
+        # nn.init.uniform_ in the reimplementation: U(0, 1) for prompts and keys
+        self.prompts = nn.Parameter(torch.empty(cfg.prompt_pool, cfg.prompt_length, D).uniform_(0, 1, generator=g)
                                     .to(device=w.device, dtype=w.dtype))
-        self.keys = nn.Parameter(torch.empty(cfg.prompt_pool, D).uniform_(-1, 1, generator=g)
+        self.keys = nn.Parameter(torch.empty(cfg.prompt_pool, D).uniform_(0, 1, generator=g)
                                  .to(device=w.device, dtype=w.dtype))
         self._key_loss: Optional[torch.Tensor] = None
 
@@ -103,14 +113,17 @@ class L2P(ContinualMethod):
         return sim, idx
 
     def prompted_features(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """Prompted pass: features (B, D) with prompts ``idx`` (B, k) inserted after the class token."""
+        """Prompted pass: features (B, D), the mean final (normed) output of the prompt tokens, with
+        prompts ``idx`` (B, k) inserted after the class token (``head_type=prompt``)."""
         bb = self.model.backbone
         t = bb._pos_embed(bb.patch_embed(self.model.normalize(x)))
         p = self.prompts[idx].reshape(x.shape[0], -1, self.prompts.shape[-1]).to(t.dtype)
         k = int(getattr(bb, "num_prefix_tokens", 1))
         t = torch.cat([t[:, :k], p, t[:, k:]], dim=1)
         t = bb.norm(bb.blocks(bb.norm_pre(bb.patch_drop(t))))
-        return bb.forward_head(t, pre_logits=True)
+        feats = t[:, k:k + p.shape[1]].mean(dim=1)
+        fc_norm = getattr(bb, "fc_norm", None)
+        return fc_norm(feats) if fc_norm is not None else feats
 
     def begin_task(self, ctx: TaskContext) -> dict:
         self._sync_device()

@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from duallora.errors import ConfigError
 from duallora.methods.base import TaskContext
 from duallora.methods.options import GATE_LAYER, RIDGE, TAU_ID
+from duallora.methods.posterior import capture_gate_tokens, gate_blocks
 from duallora.methods.registry import register_method
 from duallora.methods.statistics import StatisticsClassifier
 from duallora.model import AdaptedViT
@@ -46,11 +46,7 @@ class NCMGate(StatisticsClassifier):
 
     def __init__(self, model: AdaptedViT, cfg: MethodConfig, seed: int = 0) -> None:
         super().__init__(model, cfg, seed)
-        depth = len(model.backbone.blocks)
-        last = cfg.gate_layer if cfg.gate_layer >= 0 else depth + cfg.gate_layer
-        if not 0 <= last < depth:
-            raise ConfigError(f"method.gate_layer={cfg.gate_layer} is outside the backbone's {depth} blocks")
-        self.blocks = list(range(last + 1))
+        self.blocks = gate_blocks(model, cfg.gate_layer)
         self.signatures = TaskSignatures(model.embed_dim * len(self.blocks), score="mahalanobis", tau=cfg.tau_id,
                                          ridge=cfg.ridge)
 
@@ -59,19 +55,10 @@ class NCMGate(StatisticsClassifier):
 
         The forward pass stops after block ``gate_layer`` (later blocks are not needed)."""
         bb = self.model.backbone
-        parts: list[torch.Tensor] = []
-        hooks = [bb.blocks[b].norm1.register_forward_hook(lambda m, i, out: parts.append(out.mean(dim=1)))
-                 for b in self.blocks]
-        try:
-            h = bb.patch_embed(self.model.normalize(x))
-            h = bb._pos_embed(h)
-            h = bb.patch_drop(h)
-            h = bb.norm_pre(h)
+        with capture_gate_tokens(self.model, self.blocks) as parts:
+            h = bb.norm_pre(bb.patch_drop(bb._pos_embed(bb.patch_embed(self.model.normalize(x)))))
             for b in self.blocks:
                 h = bb.blocks[b](h)
-        finally:
-            for hook in hooks:
-                hook.remove()
         return torch.cat(parts, dim=1)
 
     @torch.no_grad()

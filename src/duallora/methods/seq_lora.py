@@ -6,19 +6,22 @@ from torch import nn
 
 from duallora.methods.base import ContinualMethod, TaskContext
 from duallora.methods.options import ADAPTED_MODULES, RANK_ORTHOGONAL
+from duallora.methods.posterior import POSTERIOR_OPTIONS, PosteriorHeads
 from duallora.methods.registry import register_method
 
 
 @register_method
-class SeqLoRA(ContinualMethod):
+class SeqLoRA(PosteriorHeads, ContinualMethod):
     """Reference: one plain LoRA adapter (rank ``rank_orthogonal``) fine-tuned on each task in turn.
 
     No memory, no projection, no calibration: it shows what the DualLoRA machinery adds. The LoRA
     factors keep training across tasks; each task's head is trained during its task only.
+    ``method.task_posterior=gate`` calibrates the heads with DualLoRA's task posterior
+    (:class:`~duallora.methods.posterior.PosteriorHeads`).
     """
 
     name = "seq-lora"
-    options = {"adapted_modules": ADAPTED_MODULES, "rank_orthogonal": RANK_ORTHOGONAL}
+    options = {"adapted_modules": ADAPTED_MODULES, "rank_orthogonal": RANK_ORTHOGONAL, **POSTERIOR_OPTIONS}
 
     def begin_task(self, ctx: TaskContext) -> dict:
         """Attach the one LoRA (rank ``rank_orthogonal``) before the first task, then the task's head."""
