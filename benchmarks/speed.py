@@ -4,7 +4,8 @@ Prints a table and writes JSON (default ``benchmarks/results/speed.json``). Ever
 two measurements taken in the same process, interleaved, so machine noise cancels as far as it can:
 
 * inference time per image after T tasks: DualLoRA / frozen backbone, / InfLoRA, / L2P (two passes),
-  at batch 1 and batch 64;
+  at batch 1 and batch 64, and every compared method's (baselines, ``*-posterior`` heads,
+  training-free classifiers) over the frozen method's (``over_frozen``);
 * training time per step (forward + backward + optimiser step) on task 2: DualLoRA / seq-lora (same
   rank and layers), / InfLoRA;
 * statistics passes and memory update per task as a share of that task's training time, at the
@@ -83,6 +84,7 @@ def inference(learners: dict[str, ContinualLearner], repeats: int) -> dict:
             "duallora_over_frozen": med["duallora"] / med["frozen"],
             "duallora_over_inflora": med["duallora"] / med["inflora"],
             "duallora_over_l2p": med["duallora"] / med["l2p"],
+            "over_frozen": {k: v / med["frozen"] for k, v in med.items()},
         }
     return out
 
@@ -175,13 +177,18 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     epochs = args.epochs or load_config(None).train.epochs
     t0 = time.perf_counter()
-    names = ["duallora", "frozen", "inflora", "l2p"]
-    learners = {n: learner_after(n, args.tasks, 8, 1, []) for n in names}
+    # variant -> (method, overrides): every method of the comparison tables with a distinct inference path
+    variants = {"duallora": ("duallora", []), "frozen": ("frozen", []), "inflora": ("inflora", []),
+                "l2p": ("l2p", []), "sd-lora": ("sd-lora", []), "seq-lora": ("seq-lora", []),
+                "frozen-posterior": ("frozen", ["method.task_posterior=gate"]),
+                "inflora-posterior": ("inflora", ["method.task_posterior=gate"]),
+                "fecam": ("fecam", []), "ranpac": ("ranpac", []), "ncm-gate": ("ncm-gate", [])}
+    learners = {n: learner_after(m, args.tasks, 8, 1, extra) for n, (m, extra) in variants.items()}
     result = {
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()},
         "tasks": args.tasks,
-        "inference": inference({k: learners[k] for k in ["duallora", "frozen", "inflora", "l2p"]}, args.repeats),
+        "inference": inference(learners, args.repeats),
         "training": training_step(args.train_rounds, per_class=512),
         "statistics": statistics_share(2, args.task_images // 2, epochs),
     }
@@ -206,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, value, target in rows:
         print(f"{name:78s} {value:7.3f}  {target}")
     print("ms per image (batch 64): " + ", ".join(f"{k} {v:.3f}" for k, v in inf["batch_64"]["ms_per_image"].items()))
+    print("inference time / frozen (batch 64): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in inf["batch_64"]["over_frozen"].items()))
     print("ms per training step: " + ", ".join(f"{k} {v:.1f}" for k, v in tr["ms_per_step"].items()))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")

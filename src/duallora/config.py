@@ -448,6 +448,11 @@ def _friendly(exc: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(f"invalid value for {key!r} in {source}: {msg}")
 
 
+#: Keys added after runs were made whose default is exactly the behaviour from before they existed
+#: (no clipping; plain concatenated heads): a stored run without them is the run with their default.
+COMPATIBLE_ADDITIONS = frozenset({"train.grad_clip", "method.task_posterior"})
+
+
 def missing_keys(path: str | Path) -> list[str]:
     """Dotted keys of the current schema that a stored run config (YAML) does not set.
 
@@ -455,7 +460,7 @@ def missing_keys(path: str | Path) -> list[str]:
     so the run used the behaviour from before that key existed, which the key's current default need
     not reproduce (reuse and resume treat such runs as different). A ``method.*`` key that the run's
     method does not read (another method's option, added later) is not counted: it cannot have
-    changed that run.
+    changed that run. Nor is a key of :data:`COMPATIBLE_ADDITIONS`: its default is the old behaviour.
 
     Raises:
         ConfigError: the file cannot be read or parsed.
@@ -477,7 +482,7 @@ def missing_keys(path: str | Path) -> list[str]:
         reads = METHOD_KEYS.get(section.get("name")) if f.name == "method" else None
         out += [f"{f.name}.{g.name}" for g in dataclasses.fields(section_type)
                 if g.name not in section and (reads is None or g.name in reads or g.name == "name")]
-    return out
+    return [k for k in out if k not in COMPATIBLE_ADDITIONS]
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
