@@ -144,6 +144,11 @@ def test_duallora_takes_block_indices_from_the_model():
     assert method.residual_sites == ["blocks.1.attn.qkv", "blocks.1.mlp.fc2"]
     with pytest.raises(ConfigError, match="places no layer there"):
         learner_for(["method.gate_layer=0", r"method.adapted_modules=[blocks\.1\.attn\.qkv]"])
+    # adapters only below the gate layer: no residual adapter could exist, said before anything trains
+    with pytest.raises(ConfigError, match="there would be no residual adapter"):
+        learner_for(["method.gate_layer=1", r"method.adapted_modules=[blocks\.0\.attn\.qkv]"])
+    assert learner_for(["method.gate_layer=1", r"method.adapted_modules=[blocks\.0\.attn\.qkv]",
+                        "method.use_residual=false"]).method.residual_sites == []
 
 
 def test_branch_methods_hook_the_same_layers():

@@ -131,6 +131,12 @@ class DualLoRA(ContinualMethod):
                                   "method.gate_layer or adapt an earlier block")
             self.gate_site: Optional[str] = self.gate_inputs[-1]
             self.residual_sites = [n for n in names if self.block_of[n] >= gate_block]
+            if cfg.use_residual and not self.residual_sites:
+                raise ConfigError(f"method.gate=shared puts residual adapters in blocks >= {gate_block} "
+                                  f"(method.gate_layer={cfg.gate_layer}), but method.adapted_modules adapts only "
+                                  f"blocks {sorted(set(self.block_of.values()))}: there would be no residual "
+                                  "adapter; adapt a later block, lower method.gate_layer, or set "
+                                  "method.use_residual=false")
             gate_dim = sum(layers[n].in_features for n in self.gate_inputs)
             self.signatures: dict[str, TaskSignatures] = {"gate": TaskSignatures(gate_dim, **kw)}
         else:
