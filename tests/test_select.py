@@ -144,3 +144,36 @@ def test_select_test_false_chooses_without_touching_the_test_split(tmp_path, tin
     assert sel["test"] is False and sel["groups"]["fecam"]["chosen"] in ("a", "b")
     assert sel["groups"]["fecam"]["test"] == {} and not (out / "selected").exists()
     assert "no variant was evaluated on the test split" in (out / "selection.md").read_text()
+
+
+def test_choice_follows_validation_even_where_the_test_split_would_choose_otherwise(tmp_path, monkeypatch):
+    """Candidate ``a`` is best on validation, ``b`` would be best on test: ``a`` is chosen, its test
+    numbers are reported, and ``b`` is never evaluated on the test split."""
+    from duallora.compare.select import select_and_test
+    from duallora.compare.spec import CompareSpec
+
+    validation = {"a": 60.0, "b": 50.0}
+    test = {"a": 40.0, "b": 70.0}
+    for name, value in validation.items():
+        for s in (0, 1):
+            folder = tmp_path / "runs" / name / f"seed-{s}"
+            folder.mkdir(parents=True)
+            (folder / "metrics.json").write_text(json.dumps({"final_accuracy": value + s, "train_time_s": 1.0}))
+    evaluated = []
+
+    def fake_evaluate(source, **kwargs):
+        assert kwargs["overrides"] == {"data.evaluate_on": "test"}
+        evaluated.append(source)
+        return {"final_accuracy": test[source.parent.name] + int(source.name[-1])}
+
+    monkeypatch.setattr(runner, "evaluate_checkpoints", fake_evaluate)
+    spec = CompareSpec(variants={"a": (), "b": ()}, seeds=(0, 1),
+                       selection=Selection(groups=(("g", ("a", "b")),)))
+    metrics = {(v, s): json.loads((tmp_path / "runs" / v / f"seed-{s}" / "metrics.json").read_text())
+               for v in validation for s in (0, 1)}
+    record = select_and_test(tmp_path, spec, [0, 1], metrics, echo=lambda line: None)
+    g = record["groups"]["g"]
+    assert g["chosen"] == "a" and record["split_used_for_choice"] == "validation"
+    assert g["candidates"]["a"]["mean"] == pytest.approx(60.5) and g["candidates"]["b"]["mean"] == pytest.approx(50.5)
+    assert g["test"]["final_accuracy"]["mean"] == pytest.approx(40.5)  # a's test numbers, not b's 70.5
+    assert sorted(p.parent.name for p in evaluated) == ["a", "a"]
