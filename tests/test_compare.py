@@ -468,3 +468,22 @@ def test_compare_uses_only_public_helpers_of_runner_and_reporting():
                   and node.value.id in ("runner", "reporting") and node.attr.startswith("_")):
                 private.append(f"{path.name}: {node.value.id}.{node.attr}")
     assert not private, private
+
+
+@needs_weights
+def test_summary_only_runs_nothing_and_summarises_the_finished_runs(finished, tmp_path, tiny, monkeypatch):
+    _, out = copy_of(finished, tmp_path)
+    variants = {"duallora": [], "frozen": ["method.name=frozen"], "fecam": ["method.name=fecam"]}
+    spec = tiny_spec(tmp_path / "spec.yaml", tiny, variants, seeds=(0, 1, 2))
+
+    def never(*args, **kwargs):
+        raise AssertionError("--summary-only must not run anything")
+
+    monkeypatch.setattr(runner, "run_experiment", never)
+    result = invoke("compare", spec, "-o", out, "--summary-only")
+    assert result.exit_code == 0, result.output
+    assert not (out / "runs" / "fecam").exists()
+    with open(out / "summary.csv") as fh:
+        rows = {r["variant"]: r for r in csv.DictReader(fh)}
+    assert rows["duallora"]["n_seeds"] == "2" and rows["frozen"]["n_seeds"] == "2" and rows["fecam"]["n_seeds"] == "0"
+    assert "4 of 9 runs finished (0 run now)" in result.output

@@ -190,9 +190,13 @@ def compare(
         False, "--dry-run", help="Print the plan (variant, seed, folder, reused/to run) and exit."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print each run's per-task lines."),
     derive: bool = typer.Option(True, "--derive/--no-derive",
-                                help="Make DualLoRA variants that differ only in inference options (calibration, "
-                                     "task_id_score, tau_id, confidence_threshold) from a finished run's checkpoints "
-                                     "instead of training the same model again (--no-derive: train every run)."),
+                                help="Make variants that differ only in inference options (DualLoRA's calibration, "
+                                     "task_id_score, tau_id, confidence_threshold; a head method's task_posterior) "
+                                     "from a finished run's checkpoints instead of training the same model again "
+                                     "(--no-derive: train every run)."),
+    summary_only: bool = typer.Option(False, "--summary-only",
+                                      help="Run nothing: rewrite the summary from the finished runs (the others "
+                                           "show as missing seeds)."),
 ) -> None:
     """Run several methods or DualLoRA ablations over several seeds and summarise them.
 
@@ -232,7 +236,8 @@ def compare(
     try:
         with terminate_as_interrupt():
             result = run_compare(spec, output, seeds=seed_list, extra_overrides=overrides, only=parse_names(only),
-                                 derive=derive, overwrite=overwrite, dry_run=dry_run, echo=typer.echo, verbose=verbose)
+                                 derive=derive, overwrite=overwrite, dry_run=dry_run, echo=typer.echo, verbose=verbose,
+                                 summary_only=summary_only)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(f"interrupted; finished runs are kept in {output}; the same command continues "
                                 f"with the unfinished ones: `{again}`") from None

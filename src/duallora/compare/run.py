@@ -168,7 +168,7 @@ def _select(result: CompareResult, spec: CompareSpec, output: Path, echo: Echo) 
 def run_compare(spec: CompareSpec, output: str | Path, *, seeds: Optional[Sequence[int]] = None,
                 extra_overrides: Sequence[str] = (), only: Sequence[str] = (), overwrite: bool = False,
                 dry_run: bool = False, echo: Echo = print, verbose: bool = False,
-                derive: bool = True) -> CompareResult:
+                derive: bool = True, summary_only: bool = False) -> CompareResult:
     """Plan, then run every variant x seed in turn, rewriting the summary after each.
 
     Runs happen one after another in this process through :func:`duallora.runner.run_experiment`.
@@ -185,6 +185,8 @@ def run_compare(spec: CompareSpec, output: str | Path, *, seeds: Optional[Sequen
         derive: make a run whose config is an inference-only change from a finished run of the same
             seed in this compare (e.g. another calibration) by evaluating that run's checkpoints
             (:func:`duallora.derivation.derive_run`) instead of training the same model again.
+        summary_only: run nothing: rewrite the summary files from the finished runs only (the others
+            show as missing seeds) and skip the ``select:`` step.
 
     Returns:
         the :class:`CompareResult`.
@@ -216,13 +218,15 @@ def run_compare(spec: CompareSpec, output: str | Path, *, seeds: Optional[Sequen
             if p.action == REUSE:
                 result.metrics[(p.variant, p.seed)] = read_metrics(p.folder)
         selected = [p for p in planned if p.action != SKIP and not (only and p.variant not in only)]
+        if summary_only:
+            selected = []
 
         def rewrite_summary() -> None:
             write_summary(output, spec, planned, result.metrics, extra, result.failed)
 
         rewrite_summary()
         _run_selected(result, selected, derive, echo, verbose, rewrite_summary)
-        if spec.selection is not None:
+        if spec.selection is not None and not summary_only:
             _select(result, spec, output, echo)
     done = len(result.metrics)
     echo(f"{done} of {len(planned)} runs finished ({len(result.ran)} run now); summary in {output / 'summary.md'}")
