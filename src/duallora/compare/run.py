@@ -217,9 +217,8 @@ def run_compare(spec: CompareSpec, output: str | Path, *, seeds: Optional[Sequen
         for p in planned:
             if p.action == REUSE:
                 result.metrics[(p.variant, p.seed)] = read_metrics(p.folder)
-        selected = [p for p in planned if p.action != SKIP and not (only and p.variant not in only)]
-        if summary_only:
-            selected = []
+        selected = [] if summary_only else [p for p in planned
+                                            if p.action != SKIP and not (only and p.variant not in only)]
 
         def rewrite_summary() -> None:
             write_summary(output, spec, planned, result.metrics, extra, result.failed)

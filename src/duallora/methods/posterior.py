@@ -23,12 +23,11 @@ from typing import TYPE_CHECKING, ClassVar, Iterator, Optional
 
 import torch
 
-from duallora import distributed
 from duallora.errors import ConfigError
 from duallora.methods.base import Inference, TaskContext
 from duallora.methods.calibration import calibrate
 from duallora.methods.options import GATE_LAYER, RIDGE, TAU_ID, Option
-from duallora.methods.statistics import require_every_class
+from duallora.methods.statistics import class_sums
 from duallora.model import AdaptedViT
 from duallora.signatures import TaskSignatures
 
@@ -97,16 +96,13 @@ class GatePosterior:
         Raises:
             TrainingError: a class without images.
         """
-        acc = TaskSignatures.new_accumulator(ctx.num_classes, self.signatures.dim)
+        self.signatures.add_task(class_sums(ctx, self.features, self.signatures.dim, "posterior statistics"))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Gate features (B, (L+1) D) of images ``x`` (B, C, H, W) through the current model."""
         with capture_gate_tokens(self.model, self.blocks) as parts:
-            for x, y in ctx.progress(ctx.stats_loader, f"task {ctx.task + 1} posterior statistics"):
-                parts.clear()
-                self.model.features(x.to(ctx.device))
-                TaskSignatures.accumulate(acc, torch.cat(parts, dim=1), y)
-        for tensor in acc.values():
-            distributed.all_reduce_sum_(tensor)
-        require_every_class(acc["n"], ctx.task)
-        self.signatures.add_task(acc)
+            self.model.features(x)
+        return torch.cat(parts, dim=1)
 
 
 class PosteriorHeads:

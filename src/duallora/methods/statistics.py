@@ -27,6 +27,29 @@ def require_every_class(counts: torch.Tensor, task: int) -> None:
         raise TrainingError(f"task {task + 1}: every class needs at least one training image")
 
 
+@torch.no_grad()
+def class_sums(ctx: TaskContext, features: Callable[[torch.Tensor], torch.Tensor], dim: int,
+               desc: str = "statistics") -> dict[str, torch.Tensor]:
+    """Per-class sums (``TaskSignatures.new_accumulator``) of the features of ``ctx.stats_loader``'s
+    images, summed over the torchrun processes.
+
+    Args:
+        ctx: the task (its statistics loader, device, progress).
+        features: images (B, C, H, W) -> features (B, ``dim``).
+        desc: the progress bar's label after ``task N``.
+
+    Raises:
+        TrainingError: a class without training images.
+    """
+    acc = TaskSignatures.new_accumulator(ctx.num_classes, dim)
+    for x, y in ctx.progress(ctx.stats_loader, f"task {ctx.task + 1} {desc}"):
+        TaskSignatures.accumulate(acc, features(x.to(ctx.device)), y)
+    for tensor in acc.values():  # sums over the torchrun processes' shards
+        distributed.all_reduce_sum_(tensor)
+    require_every_class(acc["n"], ctx.task)
+    return acc
+
+
 class StatisticsClassifier(ContinualMethod):
     """Frozen backbone, no head, nothing trained: ``end_task`` gathers class statistics of the final
     features, ``infer`` classifies with them. ``param_groups`` is empty (``trains = False``), so the
@@ -52,27 +75,11 @@ class StatisticsClassifier(ContinualMethod):
     def train_logits(self, x: torch.Tensor, task: int) -> torch.Tensor:
         raise TrainingError(f"{self.name} trains nothing; the training loop must skip methods without parameters")
 
-    @torch.no_grad()
     def _class_sums(self, ctx: TaskContext, features: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
                     dim: Optional[int] = None) -> dict[str, torch.Tensor]:
-        """Per-class sums (``TaskSignatures.new_accumulator``) of the task's features, summed over the
-        torchrun processes.
-
-        Args:
-            features: images (B, C, H, W) -> features (B, ``dim``); default the final features
-                (``model.features``, ``dim`` = embed_dim).
-
-        Raises:
-            TrainingError: a class without training images.
-        """
-        features = features or self.model.features
-        acc = TaskSignatures.new_accumulator(ctx.num_classes, dim or self.model.embed_dim)
-        for x, y in ctx.progress(ctx.stats_loader, f"task {ctx.task + 1} statistics"):
-            TaskSignatures.accumulate(acc, features(x.to(ctx.device)), y)
-        for tensor in acc.values():  # sums over the torchrun processes' shards
-            distributed.all_reduce_sum_(tensor)
-        require_every_class(acc["n"], ctx.task)
-        return acc
+        """:func:`class_sums` of the task's features; default the final features (``model.features``,
+        ``dim`` = embed_dim)."""
+        return class_sums(ctx, features or self.model.features, dim or self.model.embed_dim)
 
     def end_task(self, ctx: TaskContext) -> dict:
         """Record the task's class count (subclasses first add its statistics)."""
