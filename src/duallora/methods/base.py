@@ -152,7 +152,8 @@ class ContinualMethod(nn.Module):
         what ran before, so a run resumed at task t initialises exactly like an uninterrupted one.
 
         Streams in use: 0 heads, 1 adapters/LoRA, 2 other initialisations (L2P's pool, joint's heads),
-        3 the ``stat_images`` subset (:class:`~duallora.training.ContinualLearner`)."""
+        3 the ``stat_images`` subset (:class:`~duallora.training.ContinualLearner`), 4 classifier
+        alignment's samples (:mod:`duallora.methods.alignment`)."""
         return torch.Generator().manual_seed(self.seed * 1_000_003 + task * 101 + stream)
 
     # hooks -------------------------------------------------------------------------

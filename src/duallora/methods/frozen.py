@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from duallora.methods.alignment import ALIGNMENT_OPTIONS, AlignedHeads
 from duallora.methods.base import ContinualMethod
 from duallora.methods.posterior import POSTERIOR_OPTIONS, PosteriorHeads
 from duallora.methods.registry import register_method
 
 
 @register_method
-class Frozen(PosteriorHeads, ContinualMethod):
+class Frozen(PosteriorHeads, AlignedHeads, ContinualMethod):
     """Reference: frozen backbone, per-task linear heads, plain concatenated logits, no adapters.
 
     Everything is :class:`ContinualMethod`'s default: a head per task trained with cross-entropy
@@ -19,4 +20,4 @@ class Frozen(PosteriorHeads, ContinualMethod):
 
     name = "frozen"
     uses_adapters = False
-    options = dict(POSTERIOR_OPTIONS)
+    options = {**POSTERIOR_OPTIONS, **ALIGNMENT_OPTIONS}

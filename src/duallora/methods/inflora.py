@@ -9,6 +9,7 @@ from torch import nn
 
 from duallora import distributed
 from duallora.memory import GramAccumulator, SubspaceMemory, energy_threshold
+from duallora.methods.alignment import ALIGNMENT_OPTIONS, AlignedHeads
 from duallora.methods.base import TaskContext
 from duallora.methods.branches import BranchMethod
 from duallora.methods.options import (
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 
 
 @register_method
-class InfLoRA(PosteriorHeads, BranchMethod):
+class InfLoRA(PosteriorHeads, AlignedHeads, BranchMethod):
     """InfLoRA: interference-free low-rank adaptation (Liang and Li, CVPR 2024, arXiv 2404.00228).
 
     Every adapted layer (default: the attention ``qkv`` of every block) gets one LoRA branch per task,
@@ -56,8 +57,11 @@ class InfLoRA(PosteriorHeads, BranchMethod):
     ``(lame - lamb) * t / T + lamb`` with ``lamb`` 0.95 and ``lame`` 1.0 (``energy_threshold_start``
     0.95, ``energy_threshold_end`` 0.95 + 0.05 (T - 1) / T; the comparison specs set these).
     Not reproduced: DualGPM's choice of storing the memory or its complement (we always store ``M``;
-    the subspace is the same), the 1/sqrt(3) scale of the first task's ``A``, ViT-B/16 at 224 px, and
-    the classifier-alignment variant (``InfLoRA_CA1``).
+    the subspace is the same), the 1/sqrt(3) scale of the first task's ``A``, ViT-B/16 at 224 px.
+    The classifier-alignment variant (``InfLoRA_CA1``, ``configs/cifar100_infloraca.json``: SGD lr 1e-3,
+    heads 1e-2, weight decay 1e-3, rank 5, then 5 epochs of alignment) is ``method.classifier_alignment=5``
+    with those ``train.*`` settings (:mod:`duallora.methods.alignment`; variant ``inflora-ca`` of the
+    comparison specs); not reproduced there: its fresh final LayerNorm on CIFAR-100.
     """
 
     name = "inflora"
@@ -68,6 +72,7 @@ class InfLoRA(PosteriorHeads, BranchMethod):
         "energy_threshold_end": ENERGY_THRESHOLD_END,
         "stat_images": STAT_IMAGES,
         **POSTERIOR_OPTIONS,
+        **ALIGNMENT_OPTIONS,
     }
     parts = (1, 2)  # k, v
 
@@ -114,11 +119,11 @@ class InfLoRA(PosteriorHeads, BranchMethod):
         inputs of the updated model. Returns ``energy_threshold``, ``memory_added``, ``memory_size``."""
         for b, j in self._current(ctx.task):
             b.freeze(j)
-        super().end_task(ctx)
+        base_info = super().end_task(ctx)
         grams = self._grams(ctx, f"task {ctx.task + 1} memory")
         eps = energy_threshold(ctx.task, ctx.num_tasks, self.cfg.energy_threshold_start,
                                self.cfg.energy_threshold_end)
-        info: dict = {"energy_threshold": eps, "memory_added": {}, "memory_size": {}}
+        info: dict = {**base_info, "energy_threshold": eps, "memory_added": {}, "memory_size": {}}
         for name, mem in self.memories.items():
             info["memory_added"][name] = mem.grow(grams[name], eps)
             info["memory_size"][name] = mem.size

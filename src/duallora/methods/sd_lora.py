@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from duallora.methods.alignment import ALIGNMENT_OPTIONS, AlignedHeads
 from duallora.methods.base import TaskContext
 from duallora.methods.branches import BranchMethod
 from duallora.methods.options import ADAPTED_MODULES, RANK_ORTHOGONAL
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
 
 
 @register_method
-class SDLoRA(PosteriorHeads, BranchMethod):
+class SDLoRA(PosteriorHeads, AlignedHeads, BranchMethod):
     """SD-LoRA: scalable decoupled LoRA (Wu et al., ICLR 2025, arXiv 2501.13198), as in its official code.
 
     Every adapted ``qkv`` layer carries separate LoRAs on the query and the value rows (other adapted
@@ -49,7 +50,8 @@ class SDLoRA(PosteriorHeads, BranchMethod):
     """
 
     name = "sd-lora"
-    options = {"adapted_modules": ADAPTED_MODULES, "rank_orthogonal": RANK_ORTHOGONAL, **POSTERIOR_OPTIONS}
+    options = {"adapted_modules": ADAPTED_MODULES, "rank_orthogonal": RANK_ORTHOGONAL, **POSTERIOR_OPTIONS,
+               **ALIGNMENT_OPTIONS}
     parts = (0, 2)  # q, v
     separate_parts = True
     #: the official initial (and per-task restart) value of every magnitude

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from duallora.methods.alignment import ALIGNMENT_OPTIONS, AlignedHeads
 from duallora.methods.base import ContinualMethod, TaskContext
 from duallora.methods.options import ADAPTED_MODULES, RANK_ORTHOGONAL
 from duallora.methods.posterior import POSTERIOR_OPTIONS, PosteriorHeads
@@ -11,7 +12,7 @@ from duallora.methods.registry import register_method
 
 
 @register_method
-class SeqLoRA(PosteriorHeads, ContinualMethod):
+class SeqLoRA(PosteriorHeads, AlignedHeads, ContinualMethod):
     """Reference: one plain LoRA adapter (rank ``rank_orthogonal``) fine-tuned on each task in turn.
 
     No memory, no projection, no calibration: it shows what the DualLoRA machinery adds. The LoRA
@@ -21,7 +22,8 @@ class SeqLoRA(PosteriorHeads, ContinualMethod):
     """
 
     name = "seq-lora"
-    options = {"adapted_modules": ADAPTED_MODULES, "rank_orthogonal": RANK_ORTHOGONAL, **POSTERIOR_OPTIONS}
+    options = {"adapted_modules": ADAPTED_MODULES, "rank_orthogonal": RANK_ORTHOGONAL, **POSTERIOR_OPTIONS,
+               **ALIGNMENT_OPTIONS}
 
     def begin_task(self, ctx: TaskContext) -> dict:
         """Attach the one LoRA (rank ``rank_orthogonal``) before the first task, then the task's head."""
