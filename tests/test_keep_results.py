@@ -1,0 +1,42 @@
+"""scripts/keep_results.py: the small results of a compare folder, without checkpoints."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "keep_results.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("keep_results", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_keeps_summaries_and_finished_runs_metrics_and_config_only(tmp_path):
+    src, dst = tmp_path / "cmp", tmp_path / "kept"
+    done = src / "runs" / "fecam" / "seed-0"
+    (done / "checkpoints").mkdir(parents=True)
+    (done / "checkpoints" / "task-1.safetensors").write_bytes(b"x" * 100)
+    for name in ("metrics.json", "config.yaml", "accuracy_matrix.csv", "history.json"):
+        (done / name).write_text(name)
+    unfinished = src / "runs" / "fecam" / "seed-1.partial"
+    unfinished.mkdir(parents=True)
+    (unfinished / "config.yaml").write_text("partial")
+    (src / "summary.md").write_text("table")
+    (dst).mkdir()
+    (dst / "notes.txt").write_text("mine")  # not created by the script: must survive
+
+    assert load_script().main([str(src), str(dst)]) == 0
+    kept = sorted(str(p.relative_to(dst)) for p in dst.rglob("*") if p.is_file())
+    assert kept == ["notes.txt", "runs/fecam/seed-0/accuracy_matrix.csv", "runs/fecam/seed-0/config.yaml",
+                    "runs/fecam/seed-0/metrics.json", "summary.md"]
+    assert (dst / "runs/fecam/seed-0/metrics.json").read_text() == "metrics.json"
+
+
+def test_refuses_a_folder_without_runs(tmp_path, capsys):
+    assert load_script().main([str(tmp_path), str(tmp_path / "out")]) == 2
+    assert "no runs/ folder" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
