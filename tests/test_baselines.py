@@ -531,11 +531,12 @@ def test_ncm_gate_reads_the_gate_features_of_the_untouched_backbone():
     # duallora's shared gate (before any adapter is trained) reads the same features
     dl = make_learner("duallora", ["method.gate_layer=1"], backbone=small_backbone(3))
     captured = []
-    for name in dl.method.gate_inputs:
+    for name in ("blocks.0.attn.qkv", "blocks.1.attn.qkv"):  # the default placement: qkv inputs = norm1 outputs
         dl.model.adapted[name].recorder = lambda h: captured.append(h.mean(1))
     with torch.no_grad():
         dl.model.features(x)
     assert torch.allclose(torch.cat(captured, 1), got, atol=1e-6)
+    assert dl.method.gate_blocks == [0, 1]
     with pytest.raises(ConfigError, match="gate_layer=9"):
         make_learner("ncm-gate", ["method.gate_layer=9"])
 
@@ -632,3 +633,18 @@ def test_grad_clip_bounds_every_step_to_the_clipped_norm():
 def test_grad_clip_must_be_positive():
     with pytest.raises(ConfigError, match="train.grad_clip=0.0 must be > 0"):
         load_config(None, ["train.grad_clip=0"])
+
+
+def test_duallora_with_adapters_at_or_above_the_gate_keeps_ncm_gates_task_posterior():
+    # adapters only in block 1, gate reading blocks 0..1: nothing trained moves the gate's features, so
+    # DualLoRA's task posterior is exactly the training-free ncm-gate's on the untouched backbone
+    dl = make_learner("duallora", ["method.gate_layer=1", r"method.adapted_modules=[blocks\.1\.attn\.qkv]"])
+    ncm = make_learner("ncm-gate", ["method.gate_layer=1"])
+    learn(dl)
+    learn(ncm)
+    assert dl.method.memories["blocks.1.attn.qkv"].size > 0  # it did adapt block 1
+    x = make_data([7, 3, 0, 9], 3, seed=11).tensors[0]
+    with torch.no_grad():
+        got, want = dl.method.infer(x).task_posterior, ncm.method.infer(x).task_posterior
+    assert torch.allclose(dl.method.signatures["gate"].means, ncm.method.signatures.means, atol=1e-5)
+    assert torch.allclose(got, want, atol=1e-5)

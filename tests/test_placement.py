@@ -136,19 +136,22 @@ def test_block_indices_come_from_walking_the_blocks():
 
 
 def test_duallora_takes_block_indices_from_the_model():
-    # adapters in block 1 only: the shared gate reads block 1's first adapted layer
     learner = learner_for(["method.gate_layer=1", r"method.adapted_modules=[blocks\.1\.attn\.qkv,mlp.fc2]"])
     method = learner.method
     assert method.block_of == {"blocks.0.mlp.fc2": 0, "blocks.1.attn.qkv": 1, "blocks.1.mlp.fc2": 1}
-    assert method.gate_inputs == ["blocks.0.mlp.fc2", "blocks.1.attn.qkv"]
+    # the shared gate reads the norm1 tokens of blocks 0..1 whatever the placement; residuals in blocks >= 1
+    assert method.gate_blocks == [0, 1] and method.signatures["gate"].dim == 2 * learner.model.embed_dim
     assert method.residual_sites == ["blocks.1.attn.qkv", "blocks.1.mlp.fc2"]
-    with pytest.raises(ConfigError, match="places no layer there"):
-        learner_for(["method.gate_layer=0", r"method.adapted_modules=[blocks\.1\.attn\.qkv]"])
+    # adapters only at or above the gate layer: fine (nothing trained moves the gate's features)
+    above = learner_for(["method.gate_layer=0", r"method.adapted_modules=[blocks\.1\.attn\.qkv]"])
+    assert above.method.gate_blocks == [0]
     # adapters only below the gate layer: no residual adapter could exist, said before anything trains
     with pytest.raises(ConfigError, match="there would be no residual adapter"):
         learner_for(["method.gate_layer=1", r"method.adapted_modules=[blocks\.0\.attn\.qkv]"])
     assert learner_for(["method.gate_layer=1", r"method.adapted_modules=[blocks\.0\.attn\.qkv]",
                         "method.use_residual=false"]).method.residual_sites == []
+    with pytest.raises(ConfigError, match="gate_layer=5"):
+        learner_for(["method.gate_layer=5"])
 
 
 def test_branch_methods_hook_the_same_layers():

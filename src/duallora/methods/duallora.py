@@ -29,6 +29,7 @@ from duallora.methods.options import (
     positive_int,
     probability,
 )
+from duallora.methods.posterior import capture_gate_tokens, gate_blocks
 from duallora.methods.registry import register_method
 from duallora.model import AdaptedViT
 from duallora.signatures import TaskSignatures
@@ -56,18 +57,20 @@ class DualLoRA(ContinualMethod):
     4. head_t, ``B_o``, ``B_t`` trained with cross-entropy over C_t, gate of task t = 1, others 0;
     5. merge ``W <- W + B_o A_o``, freeze ``B_t`` and head_t;
     6. statistics pass with the updated model, grow ``M`` to energy threshold eps_t;
-    7. class means and pooled within-class scatter at the gate site(s) (mean token entering the
-       layer) and, for ``task_id_features="final"``, of the final features
-       (:class:`~duallora.signatures.TaskSignatures`).
+    7. class means and pooled within-class scatter of the gate features (shared gate: mean norm1
+       tokens of blocks ``0..gate_layer``; per-layer gates: mean token entering each layer) and, for
+       ``task_id_features="final"``, of the final features (:class:`~duallora.signatures.TaskSignatures`).
 
     Gates (``gate``):
 
-    * ``shared`` (default): one posterior ``p(j | x)`` per image, computed at the first adapted layer
-      of block ``gate_layer`` from features that no residual adapter has touched; residual adapters
-      sit only in blocks ``>= gate_layer`` and all use it. Its features are the mean tokens entering
-      the first adapted layer of each block ``0..gate_layer`` (that has one), concatenated; block
-      indices are the model's (``AdaptedViT.adapted_sites``). Measured on the default benchmark, this
-      avoids the self-reinforcing errors of per-layer gates (docs/method.md, "Measured decisions").
+    * ``shared`` (default): one posterior ``p(j | x)`` per image, computed at block ``gate_layer``'s
+      first LayerNorm from features that no residual adapter has touched; residual adapters sit only
+      in blocks ``>= gate_layer`` and all use it. Its features are the mean ``norm1`` output tokens
+      of blocks ``0..gate_layer``, concatenated (B, (L+1) D): the features of ``ncm-gate`` and of the
+      head methods' ``task_posterior=gate``, whatever the placement (for the default ``qkv`` placement
+      they are the adapted layers' inputs). With adapters only in blocks ``>= gate_layer`` nothing
+      trained moves them. Measured on the default benchmark, this avoids the self-reinforcing errors
+      of per-layer gates (docs/method.md, "Measured decisions").
     * ``soft`` / ``hard``: every adapted layer computes its own posterior (or its argmax) from its
       own statistics, residual adapters in every block (method.md's literal reading).
 
@@ -76,8 +79,8 @@ class DualLoRA(ContinualMethod):
     ``p(y | x) = p(task(y) | x) * softmax_{task(y)}(logits)`` (``calibration="product"``).
 
     Raises:
-        ConfigError: ``gate_layer`` outside the backbone's blocks, or (``gate=shared``) no adapted
-            layer in blocks ``0..gate_layer``.
+        ConfigError: ``gate_layer`` outside the backbone's blocks, or (``gate=shared`` with residual
+            adapters) no adapted layer in blocks ``>= gate_layer``.
     """
 
     name = "duallora"
@@ -111,25 +114,15 @@ class DualLoRA(ContinualMethod):
     def __init__(self, model: AdaptedViT, cfg: MethodConfig, seed: int = 0) -> None:
         super().__init__(model, cfg, seed)
         names = [n for n, _ in model.adapted_layers()]
-        depth = len(model.backbone.blocks)
         self.block_of = {site.name: site.block for site in model.adapted_sites()}  # from the model, not names
         self.memories = {n: SubspaceMemory(layer.in_features) for n, layer in model.adapted_layers()}
         kw = dict(score=cfg.task_id_score, tau=cfg.tau_id, ridge=cfg.ridge, subspace_dims=cfg.subspace_dims)
         layers = dict(model.adapted_layers())
         if cfg.gate == "shared":
-            gate_block = cfg.gate_layer if cfg.gate_layer >= 0 else depth + cfg.gate_layer
-            if not 0 <= gate_block < depth:
-                raise ConfigError(f"method.gate_layer={cfg.gate_layer} is outside the backbone's {depth} blocks")
-            # the gate reads the mean token entering the first adapted layer of blocks 0..gate_block
-            # (of those blocks that have one: a placement may leave blocks without adapted layers)
-            firsts = {b: next((n for n in names if self.block_of[n] == b), None) for b in range(gate_block + 1)}
-            self.gate_inputs = [n for n in firsts.values() if n is not None]
-            if not self.gate_inputs:
-                raise ConfigError(f"method.gate=shared reads the first adapted layer of blocks 0..{gate_block} "
-                                  f"(method.gate_layer={cfg.gate_layer}), but method.adapted_modules places no "
-                                  f"layer there (adapted blocks: {sorted(set(self.block_of.values()))}); raise "
-                                  "method.gate_layer or adapt an earlier block")
-            self.gate_site: Optional[str] = self.gate_inputs[-1]
+            # the gate reads the mean norm1 tokens of blocks 0..gate_block (ncm-gate's features), whatever
+            # the placement: blocks without adapted layers included
+            self.gate_blocks = gate_blocks(model, cfg.gate_layer)
+            gate_block = self.gate_blocks[-1]
             self.residual_sites = [n for n in names if self.block_of[n] >= gate_block]
             if cfg.use_residual and not self.residual_sites:
                 raise ConfigError(f"method.gate=shared puts residual adapters in blocks >= {gate_block} "
@@ -137,11 +130,10 @@ class DualLoRA(ContinualMethod):
                                   f"blocks {sorted(set(self.block_of.values()))}: there would be no residual "
                                   "adapter; adapt a later block, lower method.gate_layer, or set "
                                   "method.use_residual=false")
-            gate_dim = sum(layers[n].in_features for n in self.gate_inputs)
+            gate_dim = model.embed_dim * len(self.gate_blocks)
             self.signatures: dict[str, TaskSignatures] = {"gate": TaskSignatures(gate_dim, **kw)}
         else:
-            self.gate_inputs = []
-            self.gate_site = None
+            self.gate_blocks = []
             self.residual_sites = names
             gate_sites = names if cfg.use_residual else []
             self.signatures = {n: TaskSignatures(layers[n].in_features, **kw) for n in gate_sites}
@@ -167,7 +159,6 @@ class DualLoRA(ContinualMethod):
         G = {n: GramAccumulator(lay.in_features, self.cfg.stat_tokens) for n, lay in layers.items()} if grams else {}
         acc = {s: TaskSignatures.new_accumulator(ctx.num_classes, self.signatures[s].dim) for s in sites}
         current: dict[str, torch.Tensor] = {}
-        gate_parts: dict[str, torch.Tensor] = {}
         want_gate = "gate" in acc
 
         def make_recorder(name: str):
@@ -176,23 +167,22 @@ class DualLoRA(ContinualMethod):
                     G[name].update(h)
                 if name in acc:
                     TaskSignatures.accumulate(acc[name], h.mean(dim=1), current["y"])
-                if want_gate and name in self.gate_inputs:
-                    gate_parts[name] = h.mean(dim=1)
             return record
 
         for name, layer in layers.items():
-            if name in G or name in acc or (want_gate and name in self.gate_inputs):
+            if name in G or name in acc:
                 layer.recorder = make_recorder(name)
         try:
-            for x, y in ctx.progress(ctx.stats_loader, desc):
-                current["y"] = y
-                x = x.to(ctx.device, non_blocking=True)
-                feats = self._dynamic_features(x) if dynamic else self.model.features(x)
-                if "final" in acc:
-                    TaskSignatures.accumulate(acc["final"], feats, y)
-                if want_gate:
-                    z = torch.cat([gate_parts[n] for n in self.gate_inputs], dim=1)
-                    TaskSignatures.accumulate(acc["gate"], z, y)
+            with capture_gate_tokens(self.model, self.gate_blocks if want_gate else []) as gate_parts:
+                for x, y in ctx.progress(ctx.stats_loader, desc):
+                    current["y"] = y
+                    x = x.to(ctx.device, non_blocking=True)
+                    gate_parts.clear()
+                    feats = self._dynamic_features(x) if dynamic else self.model.features(x)
+                    if "final" in acc:
+                        TaskSignatures.accumulate(acc["final"], feats, y)
+                    if want_gate:
+                        TaskSignatures.accumulate(acc["gate"], torch.cat(gate_parts, dim=1), y)
         finally:
             for layer in layers.values():
                 layer.recorder = None
@@ -281,7 +271,7 @@ class DualLoRA(ContinualMethod):
             if cfg.gate == "shared":
                 post = self._shared  # set by the gate site's recorder (see _dynamic_features)
                 if post is None:
-                    raise RuntimeError(f"{name} runs before the gate site {self.gate_site}")
+                    raise RuntimeError(f"{name} runs before the shared gate (block {self.gate_blocks[-1]})")
             else:
                 post = self.signatures[name].task_posterior(h.mean(dim=1))
                 if cfg.gate == "hard":
@@ -298,24 +288,22 @@ class DualLoRA(ContinualMethod):
     def _dynamic_features(self, x: torch.Tensor) -> torch.Tensor:
         """Final features (B, D) with every residual adapter gated per image (inference mode)."""
         self.model.set_fixed_gates(None)
-        inputs = [self.model.adapted[n] for n in self.gate_inputs]
-        previous = [layer.recorder for layer in inputs]
-        parts: list[torch.Tensor] = []
-        if inputs:
+        hooks = []
+        if self.gate_blocks:
             sig = self.signatures["gate"]
+            parts: list[torch.Tensor] = []
+            last = self.gate_blocks[-1]
 
-            def make_gate_recorder(i: int):
-                def record(h: torch.Tensor) -> None:
-                    # mean tokens entering blocks 0..gate_layer, before any residual adapter acts
-                    if previous[i] is not None:
-                        previous[i](h)
-                    parts.append(h.mean(dim=1))
-                    if i == len(inputs) - 1:
+            def make_gate_hook(block: int):
+                def hook(module: nn.Module, inputs: Any, out: torch.Tensor) -> None:
+                    # mean norm1 tokens of blocks 0..gate_layer, before any residual adapter acts
+                    parts.append(out.mean(dim=1))
+                    if block == last:
                         self._shared = sig.task_posterior(torch.cat(parts, dim=1))
-                return record
+                return hook
 
-            for i, layer in enumerate(inputs):
-                layer.recorder = make_gate_recorder(i)
+            blocks = self.model.backbone.blocks
+            hooks = [blocks[b].norm1.register_forward_hook(make_gate_hook(b)) for b in self.gate_blocks]
         key = (x.device,) + tuple(tuple(layer.res_tasks) for _, layer in self.model.adapted_layers())
         if self._gate_fns is None or self._gate_fns[0] != key:  # built once per residual structure
             self._gate_fns = (key, {name: self._gate_fn(name, list(layer.res_tasks))
@@ -328,8 +316,8 @@ class DualLoRA(ContinualMethod):
         finally:
             for _, layer in self.model.adapted_layers():
                 layer.gate_fn = None
-            for layer, rec in zip(inputs, previous):
-                layer.recorder = rec
+            for h in hooks:
+                h.remove()
 
     @torch.no_grad()
     def infer(self, x: torch.Tensor) -> Inference:
