@@ -648,3 +648,20 @@ def test_duallora_with_adapters_at_or_above_the_gate_keeps_ncm_gates_task_poster
         got, want = dl.method.infer(x).task_posterior, ncm.method.infer(x).task_posterior
     assert torch.allclose(dl.method.signatures["gate"].means, ncm.method.signatures.means, atol=1e-5)
     assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_ncm_all_appends_the_final_feature_to_every_blocks_gate_tokens():
+    learner = make_learner("ncm-gate", ["method.gate_layer=-1", "method.ncm_final=true"], backbone=small_backbone(3))
+    x = make_data(TASKS[0], 3, seed=4).tensors[0]
+    bb = learner.model.backbone
+    seen = []
+    hooks = [blk.norm1.register_forward_hook(lambda m, i, o: seen.append(o.mean(1))) for blk in bb.blocks]
+    with torch.no_grad():
+        final = learner.model.features(x)
+    for h in hooks:
+        h.remove()
+    got = learner.method.gate_features(x)
+    assert got.shape == (x.shape[0], (len(bb.blocks) + 1) * learner.model.embed_dim)
+    assert torch.allclose(got, torch.cat(seen + [final], 1), atol=1e-6)
+    learn(learner)
+    assert learner.method.signatures.dim == got.shape[1] and learner.method.signatures.num_tasks == 2

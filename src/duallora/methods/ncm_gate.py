@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from duallora.methods.base import TaskContext
-from duallora.methods.options import GATE_LAYER, RIDGE, TAU_ID
+from duallora.methods.options import GATE_LAYER, RIDGE, TAU_ID, Option
 from duallora.methods.posterior import capture_gate_tokens, gate_blocks
 from duallora.methods.registry import register_method
 from duallora.methods.statistics import StatisticsClassifier
@@ -33,6 +33,11 @@ class NCMGate(StatisticsClassifier):
     class with the smallest squared Mahalanobis distance per dimension (pooled covariance plus a
     relative ridge ``method.ridge``), probabilities ``softmax(-d / tau_id)``. No training.
 
+    ``method.ncm_final=true`` appends the final feature (``model.features``, (B, D)) to those tokens:
+    variant ``ncm-all`` of the comparison specs (``gate_layer=-1``: every block, plus the final
+    feature), the best feature set of the untouched backbone on validation data
+    (``benchmarks/untouched_features.py``; docs/benchmarks.md).
+
     Source: the Mahalanobis classifier of Lee et al. (NeurIPS 2018) / FeCAM's common-covariance
     variant (Goswami et al., NeurIPS 2023) on intermediate-layer features; not a published method.
 
@@ -42,19 +47,27 @@ class NCMGate(StatisticsClassifier):
     """
 
     name = "ncm-gate"
-    options = {"gate_layer": GATE_LAYER, "tau_id": TAU_ID, "ridge": RIDGE}
+    options = {"gate_layer": GATE_LAYER, "tau_id": TAU_ID, "ridge": RIDGE,
+               "ncm_final": Option(False, "ncm-gate: append the final feature to the gate tokens (variant ncm-all)")}
 
     def __init__(self, model: AdaptedViT, cfg: MethodConfig, seed: int = 0) -> None:
         super().__init__(model, cfg, seed)
         self.blocks = gate_blocks(model, cfg.gate_layer)
-        self.signatures = TaskSignatures(model.embed_dim * len(self.blocks), score="mahalanobis", tau=cfg.tau_id,
+        self.with_final = bool(cfg.ncm_final)
+        dim = model.embed_dim * (len(self.blocks) + int(self.with_final))
+        self.signatures = TaskSignatures(dim, score="mahalanobis", tau=cfg.tau_id,
                                          ridge=cfg.ridge)
 
     def gate_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Mean ``norm1`` tokens of blocks ``0..gate_layer``, concatenated: (B, C, H, W) -> (B, (L+1) D).
+        """Mean ``norm1`` tokens of blocks ``0..gate_layer``, concatenated: (B, C, H, W) -> (B, (L+1) D);
+        with ``ncm_final`` the final feature appended: (B, (L+2) D).
 
-        The forward pass stops after block ``gate_layer`` (later blocks are not needed)."""
+        Without ``ncm_final`` the forward pass stops after block ``gate_layer``."""
         bb = self.model.backbone
+        if self.with_final:
+            with capture_gate_tokens(self.model, self.blocks) as parts:
+                final = self.model.features(x)
+            return torch.cat(parts + [final], dim=1)
         with capture_gate_tokens(self.model, self.blocks) as parts:
             h = bb.norm_pre(bb.patch_drop(bb._pos_embed(bb.patch_embed(self.model.normalize(x)))))
             for b in self.blocks:
