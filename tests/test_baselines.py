@@ -665,3 +665,28 @@ def test_ncm_all_appends_the_final_feature_to_every_blocks_gate_tokens():
     assert torch.allclose(got, torch.cat(seen + [final], 1), atol=1e-6)
     learn(learner)
     assert learner.method.signatures.dim == got.shape[1] and learner.method.signatures.num_tasks == 2
+
+
+def test_duallora_heads_plus_gate_multiplies_the_within_task_softmaxes():
+    overrides = ["method.gate_layer=1", r"method.adapted_modules=[blocks\.1\.attn\.qkv]"]
+    plain = make_learner("duallora", overrides)
+    learn(plain)
+    both = make_learner("duallora", overrides + ["method.class_scores=heads+gate"])
+    both.method.load_state_tensors(plain.method.state_tensors())
+    both.task_classes = plain.task_classes
+    x = make_data([7, 3, 0, 9], 3, seed=12).tensors[0]
+    with torch.no_grad():
+        a, b = plain.method.infer(x), both.method.infer(x)
+        feats = plain.model.features(x)
+        z = make_learner("ncm-gate", ["method.gate_layer=1"]).method.gate_features(x)
+    assert torch.equal(a.task_posterior, b.task_posterior)  # the same task posterior
+    heads = plain.model.head_logits(feats)
+    gate = -plain.method.signatures["gate"].class_distances(z) / plain.cfg.method.tau_id
+    for lo, hi in ((0, 2), (2, 4)):
+        want = torch.softmax(heads[:, lo:hi], 1) * torch.softmax(gate[:, lo:hi], 1)
+        want = want / want.sum(1, keepdim=True)
+        got = b.probs[:, lo:hi] / b.probs[:, lo:hi].sum(1, keepdim=True)
+        live = b.probs[:, lo:hi].sum(1) > 1e-12
+        assert torch.allclose(got[live], want[live], atol=1e-4)
+    with pytest.raises(ConfigError, match="class_scores"):
+        load_config(None, ["method.gate=soft", "method.class_scores=heads+gate"])

@@ -38,6 +38,13 @@ if TYPE_CHECKING:
     from duallora.config import MethodConfig
 
 
+def _gate_for_class_scores(key: str, value: Any, cfg: Any) -> Optional[str]:
+    """``class_scores=heads+gate`` reads the shared gate's class statistics: only with ``gate=shared``."""
+    if value != "heads" and cfg.gate != "shared":
+        return f"method.class_scores={value} needs method.gate=shared; use class_scores=heads"
+    return None
+
+
 def _gate_for_features(key: str, value: Any, cfg: Any) -> Optional[str]:
     """``task_id_features=gate`` reads the shared gate's posterior: only with ``gate=shared``."""
     if value == "gate" and cfg.gate != "shared":
@@ -109,6 +116,9 @@ class DualLoRA(ContinualMethod):
         "calibration": Option("product", "calibrated output: none | product | hard",
                               choices=("none", "product", "hard")),
         "confidence_threshold": Option(0.9, "gamma for calibration=hard", check=probability),
+        "class_scores": Option("heads", "within-task class scores: heads | heads+gate (head logits plus -d_c / tau_id "
+                                        "of the shared gate's class statistics)", choices=("heads", "heads+gate"),
+                               check=_gate_for_class_scores),
     }
 
     def __init__(self, model: AdaptedViT, cfg: MethodConfig, seed: int = 0) -> None:
@@ -144,6 +154,7 @@ class DualLoRA(ContinualMethod):
             self.signatures["final"] = TaskSignatures(model.embed_dim, **kw)
         self.last_info: dict = {}
         self._shared: Optional[torch.Tensor] = None
+        self._gate_z: Optional[torch.Tensor] = None
         self._gate_fns: Optional[tuple[tuple, dict]] = None
 
     # statistics ----------------------------------------------------------------------
@@ -299,7 +310,8 @@ class DualLoRA(ContinualMethod):
                     # mean norm1 tokens of blocks 0..gate_layer, before any residual adapter acts
                     parts.append(out.mean(dim=1))
                     if block == last:
-                        self._shared = sig.task_posterior(torch.cat(parts, dim=1))
+                        self._gate_z = torch.cat(parts, dim=1)
+                        self._shared = sig.task_posterior(self._gate_z)
                 return hook
 
             blocks = self.model.backbone.blocks
@@ -330,8 +342,12 @@ class DualLoRA(ContinualMethod):
             assert posterior is not None
         else:
             posterior = self.signatures["final"].task_posterior(feats)
-        self._shared = None
         logits = self.model.head_logits(feats)
+        if self.cfg.class_scores == "heads+gate":
+            # product of experts within each task: softmax(logits) * softmax(-d_c / tau_id), renormalised
+            assert self._gate_z is not None
+            logits = logits - self.signatures["gate"].class_distances(self._gate_z).to(logits.dtype) / self.cfg.tau_id
+        self._shared = self._gate_z = None
         sizes = self.model.head_sizes
         return Inference(calibrate(logits, posterior, sizes, self.cfg.calibration, self.cfg.confidence_threshold),
                          posterior)
