@@ -648,6 +648,15 @@ def test_duallora_with_adapters_at_or_above_the_gate_keeps_ncm_gates_task_poster
         got, want = dl.method.infer(x).task_posterior, ncm.method.infer(x).task_posterior
     assert torch.allclose(dl.method.signatures["gate"].means, ncm.method.signatures.means, atol=1e-5)
     assert torch.allclose(got, want, atol=1e-5)
+    # method.protect_gate=true with the default placement is the same model: no adapter below the gate
+    protected = make_learner("duallora", ["method.gate_layer=1", "method.protect_gate=true"])
+    learn(protected)
+    assert list(protected.method.memories) == ["blocks.1.attn.qkv"]
+    assert protected.model.adapted["blocks.0.attn.qkv"].merged == []
+    with torch.no_grad():
+        assert torch.allclose(protected.method.infer(x).probs, dl.method.infer(x).probs, atol=1e-6)
+    with pytest.raises(ConfigError, match="protect_gate"):
+        load_config(None, ["method.gate=soft", "method.protect_gate=true"])
 
 
 def test_ncm_all_appends_the_final_feature_to_every_blocks_gate_tokens():

@@ -451,7 +451,8 @@ def _friendly(exc: OmegaConfBaseException, source: str) -> ConfigError:
 #: Keys added after runs were made whose default is exactly the behaviour from before they existed
 #: (no clipping; plain concatenated heads): a stored run without them is the run with their default.
 COMPATIBLE_ADDITIONS = frozenset({"train.grad_clip", "method.task_posterior", "method.classifier_alignment",
-                                  "method.ncm_final", "method.class_scores"})
+                                  "method.ncm_final", "method.class_scores",
+                                  "method.protect_gate"})
 
 
 def missing_keys(path: str | Path) -> list[str]:

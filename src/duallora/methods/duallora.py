@@ -45,6 +45,13 @@ def _gate_for_class_scores(key: str, value: Any, cfg: Any) -> Optional[str]:
     return None
 
 
+def _protect_needs_shared(key: str, value: Any, cfg: Any) -> Optional[str]:
+    """``protect_gate`` protects the shared gate's features: only with ``gate=shared``."""
+    if value and cfg.gate != "shared":
+        return "method.protect_gate=true needs method.gate=shared (per-layer gates read every adapted layer)"
+    return None
+
+
 def _gate_for_features(key: str, value: Any, cfg: Any) -> Optional[str]:
     """``task_id_features=gate`` reads the shared gate's posterior: only with ``gate=shared``."""
     if value == "gate" and cfg.gate != "shared":
@@ -105,6 +112,9 @@ class DualLoRA(ContinualMethod):
         "gate": Option("shared", "dynamic-memory gate type: shared | soft | hard",
                        choices=("shared", "soft", "hard")),
         "gate_layer": GATE_LAYER,
+        "protect_gate": Option(False, "gate=shared: adapters (orthogonal and residual) only in blocks >= gate_layer, "
+                                      "so nothing trained moves the gate's features (its task posterior stays "
+                                      "ncm-gate's on the untouched backbone)", check=_protect_needs_shared),
         "task_id_features": Option("auto", "task posterior used for calibration: auto | gate | final "
                                            "(auto: gate when gate=shared, else final)",
                                    choices=("auto", "gate", "final"), check=_gate_for_features),
@@ -125,7 +135,6 @@ class DualLoRA(ContinualMethod):
         super().__init__(model, cfg, seed)
         names = [n for n, _ in model.adapted_layers()]
         self.block_of = {site.name: site.block for site in model.adapted_sites()}  # from the model, not names
-        self.memories = {n: SubspaceMemory(layer.in_features) for n, layer in model.adapted_layers()}
         kw = dict(score=cfg.task_id_score, tau=cfg.tau_id, ridge=cfg.ridge, subspace_dims=cfg.subspace_dims)
         layers = dict(model.adapted_layers())
         if cfg.gate == "shared":
@@ -140,13 +149,17 @@ class DualLoRA(ContinualMethod):
                                   f"blocks {sorted(set(self.block_of.values()))}: there would be no residual "
                                   "adapter; adapt a later block, lower method.gate_layer, or set "
                                   "method.use_residual=false")
+            # protect_gate: layers below the gate carry no adapter (nor memory): the gate's features never move
+            self.adapter_sites = [n for n in names if not cfg.protect_gate or self.block_of[n] >= gate_block]
             gate_dim = model.embed_dim * len(self.gate_blocks)
             self.signatures: dict[str, TaskSignatures] = {"gate": TaskSignatures(gate_dim, **kw)}
         else:
             self.gate_blocks = []
+            self.adapter_sites = names
             self.residual_sites = names
             gate_sites = names if cfg.use_residual else []
             self.signatures = {n: TaskSignatures(layers[n].in_features, **kw) for n in gate_sites}
+        self.memories = {n: SubspaceMemory(layers[n].in_features) for n in self.adapter_sites}
         self.task_id_features = cfg.task_id_features
         if self.task_id_features == "auto":
             self.task_id_features = "gate" if cfg.gate == "shared" else "final"
@@ -167,7 +180,8 @@ class DualLoRA(ContinualMethod):
         ``dynamic`` runs with the inference gating instead of the fixed gates.
         """
         layers = dict(self.model.adapted_layers())
-        G = {n: GramAccumulator(lay.in_features, self.cfg.stat_tokens) for n, lay in layers.items()} if grams else {}
+        G = ({n: GramAccumulator(lay.in_features, self.cfg.stat_tokens) for n, lay in layers.items()
+              if n in self.memories} if grams else {})
         acc = {s: TaskSignatures.new_accumulator(ctx.num_classes, self.signatures[s].dim) for s in sites}
         current: dict[str, torch.Tensor] = {}
         want_gate = "gate" in acc
@@ -217,6 +231,8 @@ class DualLoRA(ContinualMethod):
         if cfg.use_orthogonal or need_residual:
             grams, _ = self._statistics_pass(ctx, grams=True, sites=[], desc=f"task {t + 1} statistics")
             for name, layer in self.model.adapted_layers():
+                if name not in self.memories:  # below a protected gate: no adapter
+                    continue
                 mem = self.memories[name]
                 if cfg.use_orthogonal:
                     A = mem.orthogonal_directions(grams[name], cfg.rank_orthogonal)
