@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         d = cfg.data
-        kw = dict(root=d.root, image_size=(args.image_size, args.image_size), channels=args.channels, seed=cfg.seed, test_fraction=d.test_fraction,
+        kw = dict(root=d.root, image_size=(args.image_size, args.image_size), channels=args.channels,
+                  seed=cfg.seed, test_fraction=d.test_fraction,
                   check_images=d.check_images, split_train=d.split_train, split_test=d.split_test,
                   split_sha256=d.split_sha256, transform=None, augment=False, classes=d.classes,
                   validation_fraction=0.0)
