@@ -699,3 +699,25 @@ def test_duallora_heads_plus_gate_multiplies_the_within_task_softmaxes():
         assert torch.allclose(got[live], want[live], atol=1e-4)
     with pytest.raises(ConfigError, match="class_scores"):
         load_config(None, ["method.gate=soft", "method.class_scores=heads+gate"])
+
+
+def test_duallora_head_over_gate_trains_heads_on_top_of_the_gate_class_scores():
+    overrides = ["method.gate_layer=1", "method.protect_gate=true", "method.class_scores=heads+gate"]
+    over = make_learner("duallora", overrides + ["method.head_over_gate=true"])
+    plain = make_learner("duallora", overrides)
+    learn(over)
+    learn(plain)
+    sig_over, sig_plain = over.method.signatures["gate"], plain.method.signatures["gate"]
+    assert sig_over.num_tasks == 2  # added before each task's training, once
+    # protected gate: the statistics gathered before training equal those gathered after it
+    assert torch.allclose(sig_over.means, sig_plain.means, atol=1e-6)
+    assert torch.allclose(sig_over.scatter, sig_plain.scatter, rtol=1e-6, atol=1e-8)
+    assert not torch.equal(over.model.heads[1].weight, plain.model.heads[1].weight)  # trained otherwise
+    x = make_data(TASKS[1], 2, seed=13).tensors[0]
+    with torch.no_grad():
+        got = over.method.train_logits(x, 1)
+        z = make_learner("ncm-gate", ["method.gate_layer=1"]).method.gate_features(x)
+        want = over.model.head_logits(over.model.features(x), 1) - sig_over.class_distances(z)[:, 2:4] / 0.02
+    assert torch.allclose(got, want, atol=1e-4)
+    with pytest.raises(ConfigError, match="head_over_gate"):
+        load_config(None, ["method.head_over_gate=true", "method.class_scores=heads+gate"])

@@ -52,6 +52,15 @@ def _protect_needs_shared(key: str, value: Any, cfg: Any) -> Optional[str]:
     return None
 
 
+def _head_over_gate_needs(key: str, value: Any, cfg: Any) -> Optional[str]:
+    """``head_over_gate`` trains heads on top of the gate's class scores: they must be fixed before training
+    (``protect_gate``) and used at inference (``class_scores=heads+gate``)."""
+    if value and not (cfg.gate == "shared" and cfg.protect_gate and cfg.class_scores == "heads+gate"):
+        return ("method.head_over_gate=true needs method.gate=shared, method.protect_gate=true and "
+                "method.class_scores=heads+gate (the gate's class scores, fixed before training, used at inference)")
+    return None
+
+
 def _gate_for_features(key: str, value: Any, cfg: Any) -> Optional[str]:
     """``task_id_features=gate`` reads the shared gate's posterior: only with ``gate=shared``."""
     if value == "gate" and cfg.gate != "shared":
@@ -129,6 +138,9 @@ class DualLoRA(ContinualMethod):
         "class_scores": Option("heads", "within-task class scores: heads | heads+gate (head logits plus -d_c / tau_id "
                                         "of the shared gate's class statistics)", choices=("heads", "heads+gate"),
                                check=_gate_for_class_scores),
+        "head_over_gate": Option(False, "train each task's head (and adapters) on head logits plus the gate's class "
+                                        "scores, so they learn a correction of the training-free scores; needs "
+                                        "protect_gate and class_scores=heads+gate", check=_head_over_gate_needs),
     }
 
     def __init__(self, model: AdaptedViT, cfg: MethodConfig, seed: int = 0) -> None:
@@ -228,8 +240,11 @@ class DualLoRA(ContinualMethod):
         info: dict = {"orthogonal_rank": {}, "residual_rank": {}}
         self.model.set_fixed_gates(t)
         need_residual = cfg.use_residual and t > 0
-        if cfg.use_orthogonal or need_residual:
-            grams, _ = self._statistics_pass(ctx, grams=True, sites=[], desc=f"task {t + 1} statistics")
+        early = ["gate"] if cfg.head_over_gate else []  # protected gate: its statistics do not change in training
+        if cfg.use_orthogonal or need_residual or early:
+            grams, acc = self._statistics_pass(ctx, grams=True, sites=early, desc=f"task {t + 1} statistics")
+            if early:
+                self.signatures["gate"].add_task(acc["gate"])
             for name, layer in self.model.adapted_layers():
                 if name not in self.memories:  # below a protected gate: no adapter
                     continue
@@ -268,7 +283,7 @@ class DualLoRA(ContinualMethod):
             layer.freeze_residuals()
         super().end_task(ctx)
         self.model.set_fixed_gates(t)
-        layer_sites = [s for s in self.signatures if s != "final"]
+        layer_sites = [s for s in self.signatures if s != "final" and not (s == "gate" and self.cfg.head_over_gate)]
         grams, acc = self._statistics_pass(ctx, grams=True, sites=layer_sites, desc=f"task {t + 1} memory")
         eps = energy_threshold(t, ctx.num_tasks, self.cfg.energy_threshold_start, self.cfg.energy_threshold_end)
         info = {"energy_threshold": eps, "memory_added": {}, "memory_size": {}}
@@ -286,6 +301,20 @@ class DualLoRA(ContinualMethod):
             self.signatures["final"].add_task(acc["final"])
         self.last_info = info
         return info
+
+    def train_logits(self, x: torch.Tensor, task: int) -> torch.Tensor:
+        """Task-local logits (B, C_t); with ``head_over_gate`` plus the gate's class scores ``-d_c / tau_id``
+        of the task's classes (statistics added in :meth:`begin_task`; no gradient flows into them)."""
+        if not self.cfg.head_over_gate:
+            return super().train_logits(x, task)
+        with capture_gate_tokens(self.model, self.gate_blocks) as parts:
+            feats = self.model.features(x)
+        logits = self.model.head_logits(feats, task)
+        lo = sum(self.model.head_sizes[:task])
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            z = torch.cat(parts, dim=1).detach().float()
+            d = self.signatures["gate"].class_distances(z)[:, lo:lo + logits.shape[1]]
+        return logits - (d / self.cfg.tau_id).to(logits.dtype)
 
     # inference -----------------------------------------------------------------------
     def _gate_fn(self, name: str, layer_tasks: list[int]):
