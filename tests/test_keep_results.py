@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "keep_results.py"
+from tests.scripts import load_script as load_scripts_module
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("keep_results", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_scripts_module("keep_results")
 
 
 def test_keeps_summaries_and_finished_runs_metrics_and_config_only(tmp_path):

@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import torch
 
 from duallora.data.datasets import load_dataset
 from duallora.data.sources.imagefolder import make_class_folders
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "make_image_folder.py"
+from tests.scripts import load_script as load_scripts_module
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("make_image_folder", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_scripts_module("make_image_folder")
 
 
 def test_writes_a_seeded_few_training_images_per_class_and_every_test_image(tmp_path):
