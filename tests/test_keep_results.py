@@ -34,3 +34,20 @@ def test_refuses_a_folder_without_runs(tmp_path, capsys):
     assert load_script().main([str(tmp_path), str(tmp_path / "out")]) == 2
     assert "no runs/ folder" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_kept_runs_under_docs_results_are_not_git_ignored():
+    """The kept runs must be committable: a `runs/` pattern in .gitignore once hid them (and lost them)."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    import pytest
+
+    root = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    kept = "docs/results/compare-default/runs/duallora/seed-0/metrics.json"
+    ignored = subprocess.run(["git", "check-ignore", "-q", kept], cwd=root).returncode
+    assert ignored == 1, f"{kept} is git-ignored: keep_results' output would never be committed"
+    assert subprocess.run(["git", "check-ignore", "-q", "runs/x/metrics.json"], cwd=root).returncode == 0
