@@ -211,6 +211,26 @@ def test_predictions_do_not_depend_on_the_batch(gate):
     assert torch.allclose(mixed.probs[-1], full.probs[0], atol=1e-5)
 
 
+@pytest.mark.parametrize("overrides", [[], ["method.protect_gate=true", "method.class_scores=heads+gate"]])
+def test_inference_is_one_forward_pass(overrides):
+    """method.md, "Inference: one forward pass": the patch embedding and every block run once per batch,
+    gate, residual adapters and calibration included (residual adapters present after task 2)."""
+    learner = make_learner(overrides)
+    for t, classes in enumerate(TASKS[:2]):
+        learner.learn_task(make_data(classes, 20, seed=t), classes)
+    backbone = learner.model.backbone
+    modules = [backbone.patch_embed, *backbone.blocks]
+    calls = [0] * len(modules)
+    handles = [m.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+               for i, m in enumerate(modules)]
+    try:
+        learner.predict(images_of(make_data([c for cls in TASKS[:2] for c in cls], 3, seed=9)))
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == [1] * len(modules)
+
+
 # ---------------------------------------------------------------------- reference methods
 def test_frozen_method_leaves_backbone_untouched():
     backbone = small_backbone(3)
