@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
 from tests.scripts import load_script as load_scripts_module
 
 
@@ -38,12 +44,6 @@ def test_refuses_a_folder_without_runs(tmp_path, capsys):
 
 def test_kept_runs_under_docs_results_are_not_git_ignored():
     """The kept runs must be committable: a `runs/` pattern in .gitignore once hid them (and lost them)."""
-    import shutil
-    import subprocess
-    from pathlib import Path
-
-    import pytest
-
     root = Path(__file__).resolve().parents[1]
     if shutil.which("git") is None or not (root / ".git").exists():
         pytest.skip("not a git checkout")

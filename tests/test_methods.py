@@ -218,6 +218,7 @@ def test_inference_is_one_forward_pass(overrides):
     learner = make_learner(overrides)
     for t, classes in enumerate(TASKS[:2]):
         learner.learn_task(make_data(classes, 20, seed=t), classes)
+    assert any(layer.res_tasks for _, layer in learner.model.adapted_layers())
     backbone = learner.model.backbone
     modules = [backbone.patch_embed, *backbone.blocks]
     calls = [0] * len(modules)
