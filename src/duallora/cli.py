@@ -278,8 +278,12 @@ def evaluate(
         "train.precision, train.progress, data.root, data.num_workers, data.evaluate_on "
         "(e.g. train.device=cuda train.eval_batch_size=1024; data.evaluate_on=test gives the test numbers "
         "of a run evaluated on validation)."),
-    checkpoint: Path = typer.Option(
-        ..., "--checkpoint", help="Run folder, its checkpoints/ folder or one task_K.safetensors file."),
+    checkpoint: Optional[Path] = typer.Option(
+        None, "--checkpoint", help="Run folder, its checkpoints/ folder or one task_K.safetensors file."),
+    version: Optional[int] = typer.Option(
+        None, "--version", min=1, help="MODEL_DIR FOLDER: the model version to evaluate (default: current)."),
+    record: bool = typer.Option(
+        True, "--record/--no-record", help="MODEL_DIR FOLDER: add the result to the version's history."),
     data_root: Optional[str] = typer.Option(None, "--data-root", help="Data folder if it moved since the run."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write the metrics to this JSON file."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
@@ -290,12 +294,30 @@ def evaluate(
     metric of metrics.json. KEY=VALUE overrides change only where and how the stored model runs
     (device, threads, batch size, precision, data folder, loader workers); any other key is refused.
 
+    With two paths, MODEL_DIR FOLDER, a model directory's version (or a run folder's last task) is
+    evaluated on a labelled folder of known classes (one subfolder per class, named as learned):
+    accuracy, per-class and per-task accuracy, task-identity accuracy; with --output DIR also
+    evaluation.json and confusion_matrix.png in the new folder DIR.
+
     Example: duallora evaluate --checkpoint runs/my-run train.device=cuda train.eval_batch_size=1024
+
+    Example: duallora evaluate my-model labelled-test/ -o my-eval
     """
     from duallora.errors import ConfigError
     from duallora.predict import inference_overrides
     from duallora.reporting import format_metrics_table, write_json_atomic
     from duallora.runner import evaluate_checkpoints
+
+    paths = [o for o in (overrides or []) if "=" not in o]
+    if paths:
+        if len(paths) != 2 or checkpoint is not None:
+            raise ConfigError("give either MODEL_DIR FOLDER (a model on a labelled folder) or --checkpoint RUN "
+                              f"(a run on its own test data), not {' '.join(paths)}")
+        _evaluate_folder(Path(paths[0]), Path(paths[1]), version, output, record,
+                         [o for o in (overrides or []) if "=" in o])
+        return
+    if checkpoint is None:
+        raise ConfigError("give MODEL_DIR FOLDER or --checkpoint RUN (see duallora evaluate --help)")
 
     if output is not None and (output.is_dir() or output.name == "metrics.json"):
         raise ConfigError(f"--output {output} must be a new JSON file (not a folder, not a run's metrics.json)")
@@ -332,8 +354,9 @@ def evaluate(
 @user_errors
 def predict(
     checkpoint: Path = typer.Argument(
-        ..., metavar="RUN_OR_CHECKPOINT",
-        help="Run folder (its last checkpoints/task_K.safetensors is used) or one checkpoint file."),
+        ..., metavar="MODEL_OR_RUN",
+        help="Model directory (its current version), run folder (its last checkpoints/task_K.safetensors) or one "
+             "checkpoint file."),
     images: List[Path] = typer.Argument(
         ..., metavar="IMAGES...",
         help="Image files and folders (searched recursively for .png .jpg .jpeg .bmp .gif .webp)."),
@@ -350,8 +373,11 @@ def predict(
         None, "--device", help="auto, cpu, cuda, cuda:N or mps (default: the run's train.device)."),
     precision: Optional[str] = typer.Option(
         None, "--precision", help="fp32, bf16 or fp16 (CUDA) (default: the run's train.precision)."),
+    version: Optional[int] = typer.Option(
+        None, "--version", min=1,
+        help="Model version to predict with (a model directory's version, a run folder's task; default: current)."),
 ) -> None:
-    """Predict the class of image files with a trained run, without task labels.
+    """Predict the class of image files with a model directory or a trained run, without task labels.
 
     Images are read and converted as the run's dataset reads its images (mode L or RGB for the
     backbone's channels, resized to its input size; the benchmarks' timm resize and centre crop).
@@ -367,7 +393,7 @@ def predict(
     Example: duallora predict runs/my-run photos/ extra.png --top-k 5 -o predictions.csv
     """
     from duallora.errors import ConfigError
-    from duallora.predict import find_images, format_csv, format_json, load_predictor
+    from duallora.predict import find_images, format_csv, format_json
     from duallora.reporting import write_text_atomic
 
     fmt = fmt.lower()
@@ -379,7 +405,8 @@ def predict(
         raise ConfigError(f"--output {output} exists and is not a .csv/.json table (a checkpoint or an image?); "
                           "give a new file name (nothing was overwritten)")
     found = find_images(images)
-    predictor = load_predictor(checkpoint, device=device, threads=threads, precision=precision, batch_size=batch_size)
+    predictor = _predictor(checkpoint, version, device=device, threads=threads, precision=precision,
+                           batch_size=batch_size)
     for warning in predictor.warnings:
         typer.echo(f"warning: {warning}", err=True)
     errors = list(found.missing)
@@ -399,6 +426,54 @@ def predict(
     if errors:
         _fail(f"{len(errors)} of {len(errors) + len(result.predictions)} files could not be read (listed above); "
               "the others were predicted", 1)
+
+
+def _evaluate_folder(model_dir: Path, folder: Path, version: Optional[int], output: Optional[Path], record: bool,
+                     overrides: List[str]) -> None:
+    """``duallora evaluate MODEL_DIR FOLDER``: print the accuracies, write JSON and PNG with ``--output``."""
+    from duallora.errors import ConfigError
+    from duallora.folder_evaluation import evaluate_folder, write_evaluation
+    from duallora.model_dir import ContinualModel, is_model_dir
+
+    if output is not None and output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise ConfigError(f"--output {output} exists and is not an empty folder; give a new folder")
+    if is_model_dir(model_dir):
+        result = ContinualModel.open(model_dir).evaluate(folder, version=version, output=output, record=record,
+                                                         overrides=overrides)
+    else:  # a run folder: its last (or --version) task, class names from class_order.json
+        predictor = _predictor(model_dir, version)
+        task_of = {c: t + 1 for t, cs in enumerate(predictor.learner.task_classes) for c in cs}
+        rec = {"classes": [{"id": c, "name": predictor.class_names[c], "task": task_of[c]}
+                           for c in predictor.learner.seen_labels]}
+        result = evaluate_folder(predictor, rec, folder)
+        if output is not None:
+            write_evaluation(output, result, predictor.class_names)
+    typer.echo(f"accuracy {result['accuracy']:.2f}% on {result['images']} images of {folder} "
+               f"(task-id {result['task_id_accuracy']:.2f}%)")
+    typer.echo("per task: " + ", ".join(f"task {t} {a:.2f}%" for t, a in result["per_task_accuracy"].items()))
+    typer.echo("per class: " + ", ".join(f"{c} {a:.1f}%" for c, a in result["per_class_accuracy"].items()))
+    if output is not None:
+        typer.echo(f"written: {output / 'evaluation.json'}, {output / 'confusion_matrix.png'}")
+
+
+def _predictor(path: Path, version: Optional[int], **options):
+    """A Predictor of a model directory's version, or of a run folder's (task ``version``'s) checkpoint."""
+    from duallora.model_dir import ContinualModel, is_model_dir
+    from duallora.predict import load_predictor
+
+    if is_model_dir(path):
+        items = [f"train.{'eval_batch_size' if k == 'batch_size' else k}={v}"
+                 for k, v in options.items() if v is not None]
+        return ContinualModel.open(path).predictor(version, items)
+    if version is not None:
+        from duallora.errors import CheckpointError
+        from duallora.runner import find_checkpoints
+
+        files = find_checkpoints(path)
+        if version > len(files):
+            raise CheckpointError(f"{path} has {len(files)} task checkpoints; --version {version} does not exist")
+        path = files[version - 1]
+    return load_predictor(path, **options)
 
 
 @app.command()
@@ -455,6 +530,15 @@ def pretrain(
     else:
         _fail(f"--recipe {recipe!r}: choose mnist or vit")
     typer.echo(json.dumps(record, indent=2))
+
+
+def _register_model_commands() -> None:
+    from duallora.cli_model import register
+
+    register(app, user_errors, terminate_as_interrupt)
+
+
+_register_model_commands()
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

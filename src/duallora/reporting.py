@@ -64,6 +64,11 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def fsync_dir(directory: PathLike) -> None:
+    """fsync ``directory`` so that a rename inside it is durable (no-op where folders cannot be opened)."""
+    _fsync_dir(Path(directory))
+
+
 def write_bytes_atomic(path: PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically.
 

@@ -1,0 +1,548 @@
+"""A model that keeps learning: a model directory, its versions, and learning a folder as the next task.
+
+``duallora learn MODEL_DIR FOLDER`` (and :meth:`ContinualModel.learn`) learns the classes of FOLDER
+(one subfolder per class, :mod:`duallora.task_folder`) as the next task of the model in MODEL_DIR,
+creating the model on first use from a config (defaults as in ``duallora run``). The layout
+(format 1, docs/model-directory.md)::
+
+    MODEL_DIR/model.json                       format, format_version, current version, committed versions
+    MODEL_DIR/versions/0001/model.safetensors  what the method keeps after the version's task (no image, no path)
+    MODEL_DIR/versions/0001/version.json       the version's record: parent, task, classes, images, data hash, times
+    MODEL_DIR/versions/0001/evaluations.json   evaluations of this version (``duallora evaluate``), when any
+    MODEL_DIR/.lock                            the lock file (``flock``) of learn/rollback
+
+Versions are atomic: a learn writes ``versions/.staging-<pid>/``, renames it to ``versions/NNNN`` and
+then replaces ``model.json`` (write to a temporary file, fsync, rename), the single commit point. A
+learn that stops before that rename (Ctrl-C, SIGTERM, ``kill -9``, an error) leaves ``model.json``,
+hence the model, exactly as it was; the next learn removes the stale staging folders (its own kind).
+A second learn or rollback while one runs gets a clear error (``flock`` on ``.lock``, released by the
+kernel when the process dies, so a killed learn never leaves a stale lock).
+
+A run folder of ``duallora run`` is read as a model directory whose versions are its tasks
+(:func:`open_versions`): ``predict --version K``, ``history`` and ``evaluate`` work on it too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+from duallora.errors import CheckpointError, ConfigError, DataError
+
+FORMAT = "duallora-model"
+#: The layout version this code writes and reads; a directory of a later version is refused.
+FORMAT_VERSION = 1
+MODEL_FILE = "model.json"
+VERSIONS = "versions"
+CHECKPOINT = "model.safetensors"
+RECORD = "version.json"
+EVALUATIONS = "evaluations.json"
+LOCK = ".lock"
+STAGING_PREFIX = ".staging-"
+
+#: Config keys an existing model's learn may change: how it trains and runs, not what it is.
+CHANGEABLE = ("train.", "data.check_images", "data.num_workers", "seed")
+#: Config keys fixed when a model is created: a learn whose config changes one is refused. Other keys
+#: (``data.dataset``, ``data.root``, ...) do not apply to learning a folder and are ignored.
+FIXED = ("backbone.", "method.", "data.num_tasks", "data.classes_per_task")
+
+Echo = Callable[[str], None]
+
+
+# ------------------------------------------------------------------------------------------ records
+
+
+@dataclass
+class VersionInfo:
+    """One version of a model: the model after its task.
+
+    Attributes:
+        number: the version, from 1.
+        parent: the version it was learned from (None for the first).
+        task: how many tasks the model knows at this version (the new task's number, from 1).
+        classes_added: names of the classes this version learned.
+        images: training images of the new task.
+        created: ISO time (UTC) the version was committed.
+        learn_time_s: wall time of the learn (process work after the command started), seconds.
+        data_sha256: hash of the task folder (:meth:`duallora.task_folder.TaskFolder.sha256`).
+        accuracy: accuracy (percent) of the latest evaluation of this version, or None.
+        current: whether it is the current version.
+        record: the whole ``version.json``.
+    """
+
+    number: int
+    parent: Optional[int]
+    task: int
+    classes_added: list[str]
+    images: int
+    created: str
+    learn_time_s: Optional[float]
+    data_sha256: Optional[str]
+    accuracy: Optional[float] = None
+    current: bool = False
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+def version_dir(root: Path, number: int) -> Path:
+    return root / VERSIONS / f"{number:04d}"
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {what} {str(path)!r} ({type(exc).__name__}: {exc}); "
+                              "the model directory is damaged") from exc
+
+
+def read_model_file(root: Path) -> dict[str, Any]:
+    """``model.json`` of a model directory, checked.
+
+    Raises:
+        CheckpointError: not a model directory (no ``model.json``), unreadable, or of another format
+            or of a later format version than this duallora reads (upgrade duallora).
+    """
+    path = Path(root) / MODEL_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{str(root)!r} is not a duallora model directory (no {MODEL_FILE}); create one with "
+                              f"`duallora learn {root} FOLDER`")
+    data = _read_json(path, "model file")
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a duallora model file (format {data.get('format')!r})")
+    version = data.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f"{root} was written by a newer duallora (model format {version}; this duallora "
+                              f"reads up to {FORMAT_VERSION}); upgrade duallora (pip install -U duallora)")
+    return data
+
+
+def is_model_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a folder holding a ``model.json``."""
+    return (Path(path) / MODEL_FILE).is_file()
+
+
+def version_record(root: Path, number: int) -> dict[str, Any]:
+    """``version.json`` of version ``number``, with its ``evaluations`` (list) added."""
+    folder = version_dir(root, number)
+    record = _read_json(folder / RECORD, "version record")
+    evals = folder / EVALUATIONS
+    record["evaluations"] = _read_json(evals, "evaluation record") if evals.is_file() else []
+    return record
+
+
+def version_info(record: dict[str, Any], current: Optional[int]) -> VersionInfo:
+    evals = record.get("evaluations") or []
+    return VersionInfo(number=int(record["version"]), parent=record.get("parent"), task=int(record["task"]),
+                       classes_added=list(record["classes_added"]), images=int(record["train_images"]),
+                       created=str(record.get("created", "")), learn_time_s=record.get("learn_time_s"),
+                       data_sha256=record.get("data_sha256"),
+                       accuracy=evals[-1]["accuracy"] if evals else None,
+                       current=int(record["version"]) == current, record=record)
+
+
+# ------------------------------------------------------------------------------------------ locking
+
+
+@contextmanager
+def locked(root: Path, what: str) -> Iterator[None]:
+    """Hold the model directory's lock (``flock`` on ``root/.lock``) while inside.
+
+    Raises:
+        CheckpointError: another process (a learn or rollback) holds it.
+    """
+    import fcntl
+
+    fd = os.open(Path(root) / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            raise CheckpointError(
+                f"another duallora process is changing the model in {root} right now (a learn or rollback); "
+                f"wait for it to finish, then run {what} again") from exc
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+# ------------------------------------------------------------------------------------------ the model
+
+
+class ContinualModel:
+    """A model directory: versions of one continual learner, each after one more task.
+
+    Open (or plan to create) one with :meth:`open`; :meth:`learn` adds a version, :meth:`predict_files`,
+    :meth:`evaluate` and :meth:`learner` use the current version (or the one asked for), :meth:`history`
+    lists them, :meth:`rollback` makes an earlier one current. See the module docstring for the layout.
+
+    Example::
+
+        model = ContinualModel.open("my-model", overrides=["train.epochs=1"])
+        model.learn("new-classes/")                      # version 1 (the model is created here)
+        model.learn("more-classes/")                     # version 2
+        print(model.predict_files(["photo.png"])[0].class_name)
+        print(model.evaluate("labelled-test/")["accuracy"])
+        model.rollback(1)
+    """
+
+    def __init__(self, root: Path, config_items: Sequence[str] = (), config_file: Optional[Path] = None) -> None:
+        self.root = Path(root)
+        self.config_items = list(config_items)
+        self.config_file = Path(config_file) if config_file is not None else None
+
+    @classmethod
+    def open(cls, root: str | Path, config: Optional[str | Path] = None,
+             overrides: Sequence[str] = ()) -> "ContinualModel":
+        """A model directory to use; it is created by the first :meth:`learn` if it does not exist.
+
+        Args:
+            root: the model directory.
+            config: a YAML preset for a new model (or one that only changes training keys of an
+                existing one; see :data:`CHANGEABLE`).
+            overrides: ``key=value`` config overrides, as for ``duallora run``.
+
+        Raises:
+            CheckpointError: ``root`` exists, is not empty and is not a model directory, or its
+                ``model.json`` is of a newer format.
+        """
+        root = Path(root)
+        if root.exists():
+            if not root.is_dir():
+                raise CheckpointError(f"{str(root)!r} is a file; give a folder for the model directory")
+            if is_model_dir(root):
+                read_model_file(root)
+            elif any(p.name != LOCK for p in root.iterdir()):
+                raise CheckpointError(f"{str(root)!r} is not empty and is not a duallora model directory; give a new "
+                                      "or empty folder for a new model (nothing in it was changed)")
+        return cls(root, list(overrides), Path(config) if config is not None else None)
+
+    # ------------------------------------------------------------------ reading
+    @property
+    def exists(self) -> bool:
+        """Whether the model has at least one version (``model.json`` exists)."""
+        return is_model_dir(self.root)
+
+    def model_file(self) -> dict[str, Any]:
+        """The checked ``model.json`` (:func:`read_model_file`)."""
+        return read_model_file(self.root)
+
+    @property
+    def current(self) -> int:
+        """The current version's number."""
+        return int(self.model_file()["current"])
+
+    def _resolve(self, version: Optional[int]) -> int:
+        data = self.model_file()
+        if version is None:
+            return int(data["current"])
+        if int(version) not in data["versions"]:
+            raise CheckpointError(f"{self.root} has no version {version}; its versions are "
+                                  f"{', '.join(str(v) for v in data['versions'])} (duallora history {self.root})")
+        return int(version)
+
+    def checkpoint(self, version: Optional[int] = None) -> Path:
+        """The checkpoint file of ``version`` (None = current)."""
+        return version_dir(self.root, self._resolve(version)) / CHECKPOINT
+
+    def record(self, version: Optional[int] = None) -> dict[str, Any]:
+        """The ``version.json`` record of ``version`` (None = current), with its evaluations."""
+        return version_record(self.root, self._resolve(version))
+
+    def history(self) -> list[VersionInfo]:
+        """Every committed version, oldest first (:class:`VersionInfo`)."""
+        data = self.model_file()
+        return [version_info(version_record(self.root, int(v)), int(data["current"])) for v in data["versions"]]
+
+    def class_names(self, version: Optional[int] = None) -> dict[int, str]:
+        """``{class id: name}`` of every class the version knows."""
+        return {int(c["id"]): str(c["name"]) for c in self.record(version)["classes"]}
+
+    def learner(self, version: Optional[int] = None, overrides: Sequence[str] = ()) -> Any:
+        """The :class:`~duallora.training.ContinualLearner` of ``version`` (None = current).
+
+        Args:
+            overrides: inference options (``duallora.predict.EVALUATE_OVERRIDE_KEYS``: device, threads,
+                precision, batch size).
+        """
+        from duallora import config as config_mod
+        from duallora.backbones import create_backbone
+        from duallora.predict import inference_overrides
+        from duallora.training import ContinualLearner
+
+        ckpt = self.checkpoint(version)
+        _, meta = ContinualLearner.read_checkpoint(ckpt)
+        stored = meta["config"]
+        stored["train"]["progress"] = False
+        for key, value in inference_overrides(list(overrides)).items():
+            section, name = key.split(".", 1)
+            stored[section][name] = value
+        cfg = config_mod.from_dict(stored)
+        return ContinualLearner.load(ckpt, backbone=create_backbone(cfg.backbone.name, cfg.backbone.weights), cfg=cfg)
+
+    def predictor(self, version: Optional[int] = None, overrides: Sequence[str] = ()) -> Any:
+        """A :class:`~duallora.predict.Predictor` of ``version`` with the model's class names."""
+        from duallora.predict import Predictor
+
+        number = self._resolve(version)
+        return Predictor(self.learner(number, overrides), self.checkpoint(number), self.class_names(number))
+
+    def predict_files(self, files: Sequence[str | Path], *, top_k: int = 3, version: Optional[int] = None) -> list:
+        """Predict image files (:meth:`duallora.predict.Predictor.predict_files`); unreadable files raise.
+
+        Returns:
+            one :class:`~duallora.predict.ImagePrediction` per file, in order.
+
+        Raises:
+            DataError: a file cannot be read as an image.
+        """
+        result = self.predictor(version).predict_files([Path(f) for f in files], top_k=top_k)
+        if result.errors:
+            path, message = result.errors[0]
+            raise DataError(f"cannot read {path} ({message})")
+        return result.predictions
+
+    def evaluate(self, folder: str | Path, *, version: Optional[int] = None, output: Optional[Path] = None,
+                 record: bool = True, overrides: Sequence[str] = ()) -> dict[str, Any]:
+        """Evaluate a version on a labelled folder of known classes
+        (:func:`~duallora.folder_evaluation.evaluate_folder`).
+
+        Args:
+            record: add the result to the version's evaluations (``history`` shows the latest).
+            output: also write ``evaluation.json`` and ``confusion_matrix.png`` into this new folder.
+
+        Raises:
+            DataError: the folder's classes are not all known to the version, or bad images.
+        """
+        from duallora.folder_evaluation import evaluate_folder, record_evaluation, write_evaluation
+
+        number = self._resolve(version)
+        result = evaluate_folder(self.predictor(number, overrides), self.record(number), folder)
+        result["version"] = number
+        if output is not None:
+            write_evaluation(Path(output), result, self.class_names(number))
+        if record:
+            with locked(self.root, f"duallora evaluate {self.root}"):
+                record_evaluation(version_dir(self.root, number), result)
+        return result
+
+    # ------------------------------------------------------------------ changing
+    def rollback(self, version: int, *, prune: bool = False) -> list[int]:
+        """Make ``version`` current; with ``prune`` delete the versions numbered after it.
+
+        Returns:
+            the versions deleted.
+
+        Raises:
+            CheckpointError: no such version, or another process holds the lock.
+        """
+        from duallora.reporting import write_json_atomic
+
+        with locked(self.root, f"duallora rollback {self.root} {version}"):
+            data = self.model_file()
+            number = self._resolve(version)
+            gone = [int(v) for v in data["versions"] if int(v) > number] if prune else []
+            data["current"] = number
+            data["versions"] = [int(v) for v in data["versions"] if int(v) not in gone]
+            write_json_atomic(self.root / MODEL_FILE, data)  # the commit point
+            for v in gone:
+                shutil.rmtree(version_dir(self.root, v), ignore_errors=True)
+            return gone
+
+    def learn(self, folder: str | Path, *, eval_folder: Optional[str | Path] = None, convert_channels: bool = False,
+              echo: Echo = print) -> VersionInfo:
+        """Learn the classes of ``folder`` as the next task and commit them as a new version.
+
+        The new version's parent is the current one (after a rollback, the version rolled back to).
+        Everything is checked before training (:mod:`duallora.task_folder`, the config against the
+        model's); on any error or interruption the model stays exactly as it was.
+
+        Args:
+            folder: one subfolder of images per class, none of them a class the model knows.
+            eval_folder: a labelled folder of known classes (these and earlier ones) evaluated after
+                learning, recorded with the version (``history`` shows the accuracy).
+            convert_channels: accept grey images for an RGB backbone (and colour for a grey one).
+            echo: where progress lines go.
+
+        Returns:
+            the new version.
+
+        Raises:
+            DataError: bad folder (see :mod:`duallora.task_folder`), a class the model knows already.
+            ConfigError: a config that changes the backbone, the method or its settings of an
+                existing model, or a bad config.
+            CheckpointError: another learn runs on this directory, or a damaged directory.
+            DualLoRAError subclasses from training (e.g. a diverged loss).
+            KeyboardInterrupt: interrupted; the model is unchanged.
+        """
+        from duallora.model_learning import learn_version
+
+        created = not self.root.exists()
+        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            with locked(self.root, f"duallora learn {self.root} {folder}"):
+                _remove_stale_staging(self.root)
+                return learn_version(self, Path(folder), eval_folder=eval_folder,
+                                     convert_channels=convert_channels, echo=echo)
+        except BaseException:
+            if created and not is_model_dir(self.root):  # a first learn that failed: leave nothing behind
+                shutil.rmtree(self.root, ignore_errors=True)
+            raise
+
+    def config_for_learn(self) -> tuple[Any, Optional[dict[str, Any]]]:
+        """``(config of the next learn, model.json or None for a new model)``.
+
+        A new model's config is the preset (or the defaults) with the overrides; an existing model's is
+        its stored config with the changeable keys (:data:`CHANGEABLE`) of the preset and overrides.
+
+        Raises:
+            ConfigError: a bad config, or one that changes the backbone, method or method settings of an
+                existing model.
+        """
+        from duallora import config as config_mod
+
+        given = config_mod.load_config(self.config_file, self.config_items)
+        if not self.exists:
+            if given.data.augment:
+                raise ConfigError("data.augment=true is not supported for image folders (as in `duallora run` "
+                                  "with data.dataset=imagefolder); leave it out")
+            d = config_mod.to_dict(given)
+            d["data"]["dataset"] = "imagefolder"
+            d["data"]["root"] = None
+            return config_mod.from_dict(d), None
+        data = self.model_file()
+        stored = config_mod.to_dict(config_mod.from_dict(self.record()["config"]))
+        if self.config_file is None and not self.config_items:
+            return config_mod.from_dict(stored), data
+        new = config_mod.to_dict(given)
+        asked = set(_explicit_keys(self.config_file, self.config_items))
+        changed = []
+        for key in sorted(asked):
+            section, _, name = key.partition(".")
+            old_value = stored.get(section, {}).get(name) if name else stored.get(section)
+            new_value = new.get(section, {}).get(name) if name else new.get(section)
+            if old_value == new_value:
+                continue
+            if key.startswith(FIXED):
+                changed.append(f"{key} ({old_value!r} -> {new_value!r})")
+                continue
+            if not key.startswith(CHANGEABLE):
+                continue
+            if name:
+                stored[section][name] = new_value
+            else:
+                stored[section] = new_value
+        if changed:
+            raise ConfigError(
+                f"the config given changes {', '.join(changed)} of the model in {self.root}; an existing model's "
+                "backbone, method, method settings and data.num_tasks are fixed when it is created. Keep them (train.* "
+                "keys, seed and data.check_images may change), or start a new model directory")
+        return config_mod.from_dict(stored), data
+
+
+def _explicit_keys(config_file: Optional[Path], items: Sequence[str]) -> list[str]:
+    """Dotted keys a preset file and ``key=value`` items set explicitly."""
+    keys = [item.split("=", 1)[0].strip() for item in items if "=" in item]
+    if config_file is not None:
+        from omegaconf import OmegaConf
+
+        raw = OmegaConf.to_container(OmegaConf.load(config_file), resolve=True) or {}
+        for section, value in raw.items():
+            if isinstance(value, dict):
+                keys += [f"{section}.{k}" for k in value]
+            else:
+                keys.append(str(section))
+    return keys
+
+
+def _remove_stale_staging(root: Path) -> None:
+    """Remove staging folders that an interrupted learn left (only duallora's ``versions/.staging-*``)."""
+    folder = root / VERSIONS
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if p.name.startswith(STAGING_PREFIX) and p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def next_version_number(root: Path, data: Optional[dict[str, Any]]) -> int:
+    """One more than every version committed or left on disk (an interrupted learn's renamed folder)."""
+    numbers = [int(v) for v in (data or {}).get("versions", [])]
+    folder = root / VERSIONS
+    if folder.is_dir():
+        numbers += [int(p.name) for p in folder.iterdir() if p.name.isdigit()]
+    return max(numbers, default=0) + 1
+
+
+def now_iso() -> str:
+    """The current UTC time as ISO 8601, seconds."""
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+
+
+def elapsed(start: float) -> float:
+    """Seconds since ``start`` (``time.perf_counter``), rounded to ms."""
+    return round(time.perf_counter() - start, 3)
+
+
+# ------------------------------------------------------------------------------------------ run folders
+
+
+def _checkpoint_metadata(path: Path) -> dict[str, Any]:
+    """A checkpoint's duallora metadata without reading its tensors."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {})["duallora"])
+    except Exception as exc:
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r} ({type(exc).__name__}: {exc})") from exc
+
+
+def run_history(path: str | Path) -> list[VersionInfo]:
+    """The versions of a ``duallora run`` folder: version K is its ``task_K`` checkpoint.
+
+    ``accuracy`` is the mean accuracy over the tasks seen after task K (the run's accuracy-matrix row).
+
+    Raises:
+        CheckpointError: neither a model directory nor a run folder with checkpoints.
+    """
+    from duallora.config import from_dict
+    from duallora.predict import class_names_for
+    from duallora.runner import find_checkpoints
+
+    files = find_checkpoints(Path(path))
+    out: list[VersionInfo] = []
+    for k, f in enumerate(files, start=1):
+        meta = _checkpoint_metadata(f)
+        classes = [int(c) for c in meta["task_classes"][-1]]
+        names, _ = class_names_for(Path(path), from_dict(meta["config"]), classes)
+        task_record = (meta.get("history") or [{}])[-1]
+        rows = (meta.get("extra") or {}).get("accuracy_rows") or []
+        accuracy = sum(rows[-1]) / len(rows[-1]) if rows and rows[-1] else None
+        out.append(VersionInfo(number=k, parent=k - 1 or None, task=len(meta["task_classes"]),
+                               classes_added=[names[c] for c in classes],
+                               images=int(task_record.get("train_images", 0)),
+                               created=datetime.fromtimestamp(f.stat().st_mtime, timezone.utc)
+                               .replace(microsecond=0).isoformat(),
+                               learn_time_s=task_record.get("task_time_s"), data_sha256=None, accuracy=accuracy,
+                               current=k == len(files), record={"checkpoint": str(f)}))
+    return out
+
+
+def model_history(path: str | Path) -> list[VersionInfo]:
+    """The versions of a model directory (:meth:`ContinualModel.history`) or of a run folder (:func:`run_history`).
+
+    Raises:
+        CheckpointError: neither.
+    """
+    if is_model_dir(path):
+        return ContinualModel.open(path).history()
+    if Path(path).is_dir() and not (Path(path) / "checkpoints").is_dir():
+        raise CheckpointError(f"{str(path)!r} is neither a duallora model directory (no {MODEL_FILE}) nor a run "
+                              "folder (no checkpoints/); create a model with `duallora learn MODEL_DIR FOLDER`")
+    return run_history(path)
