@@ -2,7 +2,8 @@
 
 Commands: ``run`` (learn a class-incremental scenario), ``compare`` (several methods/ablations x seeds
 with a summary), ``evaluate`` (re-evaluate saved checkpoints), ``predict`` (classify image files with a
-trained run), ``pretrain`` (regenerate the shipped MNIST-pre-trained backbone). A user error prints one line
+trained run or a model directory), ``pretrain`` (regenerate the shipped MNIST-pre-trained backbone), and the
+model-directory commands ``learn``, ``history``, ``rollback`` (:mod:`duallora.cli_model`). A user error prints one line
 ``error: ...`` naming the cause and the fix and exits with status 2; an interrupted run exits 130
 (Ctrl-C, SIGINT) or 143 (SIGTERM: ``run`` and ``compare`` treat it as Ctrl-C and name the command that
 continues the unfinished run).
@@ -461,6 +462,11 @@ def _predictor(path: Path, version: Optional[int], **options):
     from duallora.model_dir import ContinualModel, is_model_dir
     from duallora.predict import load_predictor
 
+    if not Path(path).exists() and not Path(str(path) + ".partial").is_dir():
+        from duallora.errors import CheckpointError
+
+        raise CheckpointError(f"no model directory, run folder or checkpoint at {str(path)!r}; create a model with "
+                              f"`duallora learn {path} FOLDER` or train a run with `duallora run -o {path}`")
     if is_model_dir(path):
         items = [f"train.{'eval_batch_size' if k == 'batch_size' else k}={v}"
                  for k, v in options.items() if v is not None]

@@ -383,7 +383,11 @@ class ContinualModel:
         """
         from duallora.model_learning import learn_version
 
-        created = not self.root.exists()
+        top = self.root.absolute()  # the topmost folder this learn creates (None: the model folder existed)
+        created: Optional[Path] = None
+        while not top.exists():
+            created, top = top, top.parent
+        lock_existed = (self.root / LOCK).exists()
         self.root.mkdir(parents=True, exist_ok=True)
         try:
             with locked(self.root, f"duallora learn {self.root} {folder}"):
@@ -391,8 +395,12 @@ class ContinualModel:
                 return learn_version(self, Path(folder), eval_folder=eval_folder,
                                      convert_channels=convert_channels, echo=echo)
         except BaseException:
-            if created and not is_model_dir(self.root):  # a first learn that failed: leave nothing behind
-                shutil.rmtree(self.root, ignore_errors=True)
+            if not is_model_dir(self.root):  # a first learn that failed: leave nothing behind
+                if created is not None:
+                    shutil.rmtree(created, ignore_errors=True)
+                elif not lock_existed:
+                    (self.root / LOCK).unlink(missing_ok=True)
+                    shutil.rmtree(self.root / VERSIONS, ignore_errors=True)
             raise
 
     def config_for_learn(self) -> tuple[Any, Optional[dict[str, Any]]]:
@@ -406,9 +414,14 @@ class ContinualModel:
                 existing model.
         """
         from duallora import config as config_mod
+        from duallora.methods import get_method
 
         given = config_mod.load_config(self.config_file, self.config_items)
         if not self.exists:
+            if not get_method(given.method.name).learns_without_old_images:
+                raise ConfigError(f"method {given.method.name!r} needs the images of every earlier task to learn a "
+                                  "new one (a non-continual reference), and a model directory keeps no image; "
+                                  "choose a continual method (e.g. method.name=duallora)")
             if given.data.augment:
                 raise ConfigError("data.augment=true is not supported for image folders (as in `duallora run` "
                                   "with data.dataset=imagefolder); leave it out")
@@ -462,21 +475,23 @@ def _explicit_keys(config_file: Optional[Path], items: Sequence[str]) -> list[st
 
 
 def _remove_stale_staging(root: Path) -> None:
-    """Remove staging folders that an interrupted learn left (only duallora's ``versions/.staging-*``)."""
+    """Remove what an interrupted learn left (called under the lock): its staging folder
+    ``versions/.staging-*`` and a version folder ``versions/NNNN`` renamed but never committed to
+    ``model.json``. Both are duallora's own; nothing else in the directory is touched."""
     folder = root / VERSIONS
-    if folder.is_dir():
-        for p in folder.iterdir():
-            if p.name.startswith(STAGING_PREFIX) and p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
+    if not folder.is_dir():
+        return
+    listed = {int(v) for v in read_model_file(root)["versions"]} if is_model_dir(root) else set()
+    for p in folder.iterdir():
+        if p.is_symlink() or not p.is_dir():
+            continue
+        if p.name.startswith(STAGING_PREFIX) or (p.name.isdigit() and len(p.name) == 4 and int(p.name) not in listed):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def next_version_number(root: Path, data: Optional[dict[str, Any]]) -> int:
-    """One more than every version committed or left on disk (an interrupted learn's renamed folder)."""
-    numbers = [int(v) for v in (data or {}).get("versions", [])]
-    folder = root / VERSIONS
-    if folder.is_dir():
-        numbers += [int(p.name) for p in folder.iterdir() if p.name.isdigit()]
-    return max(numbers, default=0) + 1
+    """One more than the highest committed version (numbers of pruned versions may come back)."""
+    return max((int(v) for v in (data or {}).get("versions", [])), default=0) + 1
 
 
 def now_iso() -> str:
@@ -542,6 +557,9 @@ def model_history(path: str | Path) -> list[VersionInfo]:
     """
     if is_model_dir(path):
         return ContinualModel.open(path).history()
+    if not Path(path).exists():
+        raise CheckpointError(f"no model directory or run folder at {str(path)!r}; create a model with "
+                              f"`duallora learn {path} FOLDER`")
     if Path(path).is_dir() and not (Path(path) / "checkpoints").is_dir():
         raise CheckpointError(f"{str(path)!r} is neither a duallora model directory (no {MODEL_FILE}) nor a run "
                               "folder (no checkpoints/); create a model with `duallora learn MODEL_DIR FOLDER`")

@@ -59,7 +59,14 @@ def learn_version(model: Any, folder: Path, *, eval_folder: Optional[str | Path]
     known_names = {c["name"] for c in known}
 
     # every check before anything is built or trained
-    task_folder = scan_task_folder(folder, min_images=getattr(method_cls, "min_images_per_class", 1))
+    task_folder = scan_task_folder(folder, min_images=method_cls.min_images_per_class(cfg.method))
+    fewest = method_cls.min_classes_per_task(cfg.method)
+    if len(task_folder.classes) < fewest:
+        raise DataError(f"{folder} holds {len(task_folder.classes)} class, but method {cfg.method.name!r} learns at "
+                        f"least {fewest} classes per task (one softmax head per task: a head of one class gets no "
+                        "training signal and its class would never be predicted); put at least two new classes in "
+                        "the folder, or use a model whose method handles it (duallora, fecam, simplecil, ranpac, "
+                        "ncm-gate, or method.task_posterior=gate)")
     again = [c for c in task_folder.classes if c in known_names]
     if again:
         raise DataError(f"the model in {model.root} already knows class(es) {', '.join(map(repr, again))} "
@@ -121,6 +128,8 @@ def learn_version(model: Any, folder: Path, *, eval_folder: Optional[str | Path]
         evaluation = evaluate_folder(Predictor(learner, Path(CHECKPOINT), names), version, eval_folder)
         evaluation["version"] = number
     staging = model.root / VERSIONS / f"{STAGING_PREFIX}{os.getpid()}"
+    final = version_dir(model.root, number)
+    committed = False
     try:
         staging.mkdir(parents=True)
         learner.save(staging / CHECKPOINT, extra={"model_version": number})
@@ -131,7 +140,6 @@ def learn_version(model: Any, folder: Path, *, eval_folder: Optional[str | Path]
             from duallora.folder_evaluation import evaluation_summary
 
             write_json_atomic(staging / EVALUATIONS, [evaluation_summary(evaluation)])
-        final = version_dir(model.root, number)
         os.replace(staging, final)
         fsync_dir(final.parent)
         model_file = dict(data) if data is not None else {
@@ -140,8 +148,12 @@ def learn_version(model: Any, folder: Path, *, eval_folder: Optional[str | Path]
         model_file["versions"] = [int(v) for v in model_file["versions"]] + [number]
         model_file["current"] = number
         write_json_atomic(model.root / MODEL_FILE, model_file)  # the commit point
+        committed = True
     except BaseException as exc:
+        if committed:  # interrupted after the commit: the new version is current
+            raise
         shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(final, ignore_errors=True)  # renamed but never committed: ours, never listed
         if isinstance(exc, KeyboardInterrupt):
             raise KeyboardInterrupt(_unchanged(model.root, data, "interrupted")) from exc
         raise

@@ -147,6 +147,23 @@ class ContinualMethod(nn.Module):
             raise ConfigError(f"method.adapted_modules is empty; name at least one placement "
                               f"({', '.join(placement_names())}), module path (attn.qkv) or regular expression")
 
+    #: False for a method that needs the images of earlier tasks to learn a new one (``joint``, the
+    #: non-continual upper bound): a model directory (``duallora learn``) keeps no image and refuses it.
+    learns_without_old_images: ClassVar[bool] = True
+
+    @classmethod
+    def min_classes_per_task(cls, cfg: Any) -> int:
+        """The fewest classes a task may have for this method with the method config ``cfg`` (``duallora
+        learn`` checks it before training); 1 unless a one-class task cannot be learned (e.g. a softmax
+        head of one class gets no training signal and its class is never predicted)."""
+        return 1
+
+    @classmethod
+    def min_images_per_class(cls, cfg: Any) -> int:
+        """The fewest training images a class may have for this method with the method config ``cfg``
+        (``duallora learn`` checks it before training); 1 unless a method's statistics need more."""
+        return 1
+
     def task_generator(self, task: int, stream: int = 0) -> torch.Generator:
         """A generator seeded by (seed, task, stream): initialisations of task t do not depend on
         what ran before, so a run resumed at task t initialises exactly like an uninterrupted one.

@@ -50,6 +50,11 @@ class FeCAM(StatisticsClassifier):
                                    choices=("per-class", "pooled")),
     }
 
+    @classmethod
+    def min_images_per_class(cls, cfg) -> int:
+        """2 with per-class covariances (a covariance of one image is zero and cannot be normalised), else 1."""
+        return 2 if cfg.fecam_covariance == "per-class" else 1
+
     def __init__(self, model: AdaptedViT, cfg: MethodConfig, seed: int = 0) -> None:
         super().__init__(model, cfg, seed)
         self.per_class = cfg.fecam_covariance == "per-class"

@@ -50,6 +50,7 @@ class Joint(ContinualMethod):
     """
 
     name = "joint"
+    learns_without_old_images = False
     options = {"adapted_modules": ADAPTED_MODULES, "rank_orthogonal": RANK_ORTHOGONAL}
 
     def __init__(self, model: AdaptedViT, cfg: MethodConfig, seed: int = 0) -> None:

@@ -66,6 +66,12 @@ class L2P(ContinualMethod):
     """
 
     name = "l2p"
+
+    @classmethod
+    def min_classes_per_task(cls, cfg: Any) -> int:
+        """2: plain concatenated heads, a one-class head never learns (see ``PosteriorHeads``)."""
+        return 2
+
     uses_adapters = False
     options = {
         "prompt_pool": Option(10, "l2p: prompts (and keys) in the pool", check=positive_int),

@@ -19,7 +19,7 @@ Methods opt in by inheriting :class:`PosteriorHeads` before their base class and
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, ClassVar, Iterator, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Optional
 
 import torch
 
@@ -117,6 +117,13 @@ class PosteriorHeads:
     #: ``method.*`` keys that change only the statistics gathered after training and the prediction:
     #: a run differing from a finished one only in them is derived from its checkpoints.
     derived_keys: ClassVar[frozenset[str]] = frozenset(POSTERIOR_OPTIONS)
+
+    @classmethod
+    def min_classes_per_task(cls, cfg: Any) -> int:
+        """2 with plain concatenated heads (a one-class head's cross-entropy is 0 whatever its logit, so it
+        never learns to win against other tasks' logits); 1 with ``task_posterior=gate``, where the task
+        posterior picks the task and the one class then has probability 1 within it."""
+        return 1 if cfg.task_posterior == "gate" else 2
 
     def __init__(self, model: AdaptedViT, cfg: MethodConfig, seed: int = 0) -> None:
         super().__init__(model, cfg, seed)  # type: ignore[call-arg]
