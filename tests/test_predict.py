@@ -159,7 +159,7 @@ def test_checkpoint_file_json_and_top_k(tiny_run, images):
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["{tmp}/no-such-run", "{img}"], "neither a checkpoint file nor a run folder"),
+    (["{tmp}/no-such-run", "{img}"], "no model directory, run folder or checkpoint at"),
     (["{run}", "{tmp}/empty"], "no image files in"),
     (["{run}", "{img}", "--format", "xml"], "--format xml is not supported"),
     (["{run}", "{img}", "--device", "cuda:7"], "train.device"),

@@ -83,7 +83,7 @@ def evaluate_folder(predictor: Any, record: dict[str, Any], folder: str | Path,
 
 def evaluation_summary(result: dict[str, Any]) -> dict[str, Any]:
     """What a version's ``evaluations.json`` keeps of an evaluation: everything but the confusion matrix."""
-    from duallora.model_dir import now_iso
+    from duallora.model_format import now_iso
 
     keep = {k: v for k, v in result.items() if k != "confusion_matrix"}
     keep.setdefault("evaluated", now_iso())
@@ -94,7 +94,7 @@ def record_evaluation(version_folder: Path, result: dict[str, Any]) -> None:
     """Append an evaluation's summary to ``version_folder/evaluations.json`` (atomically)."""
     import json
 
-    from duallora.model_dir import EVALUATIONS
+    from duallora.model_format import EVALUATIONS
     from duallora.reporting import write_json_atomic
 
     path = Path(version_folder) / EVALUATIONS

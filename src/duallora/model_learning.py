@@ -32,7 +32,7 @@ def learn_version(model: Any, folder: Path, *, eval_folder: Optional[str | Path]
     from duallora import config as config_mod
     from duallora.backbones import create_backbone
     from duallora.methods import get_method
-    from duallora.model_dir import (
+    from duallora.model_format import (
         CHECKPOINT,
         EVALUATIONS,
         FORMAT,
