@@ -214,8 +214,8 @@ def test_a_failed_commit_leaves_no_version_folder(model1, data, monkeypatch):
         _fail_the_commit(patch)
         assert invoke("learn", model1, data / "t2").exit_code == 2
     assert snapshot(model1) == before
-    ok(invoke("learn", model1, data / "t2"))  # the number is not skipped
-    assert [h["number"] for h in history_json(model1)] == [1, 2]
+    ok(invoke("learn", model1, data / "t2"))  # model1 was pruned from version 2: numbers are never reused
+    assert [h["number"] for h in history_json(model1)] == [1, 3]
 
 
 def test_a_failed_first_learn_leaves_no_folder_it_made(data, tmp_path):
@@ -512,6 +512,84 @@ def test_python_api_learn_predict_evaluate_history_rollback(model2, data, tmp_pa
     assert model.rollback(1, prune=True) == [2, 3] and [v.number for v in model.history()] == [1]
     with pytest.raises(CheckpointError, match="has no version 3"):
         model.rollback(3)
-    # after the prune, the next learn takes the first free number
+    # after the prune, the next learn takes a number no version had: pruned numbers are never reused
     v = model.learn(data / "t2", echo=lines.append)
-    assert (v.number, v.parent) == (2, 1)
+    assert (v.number, v.parent) == (4, 1)
+
+
+# ------------------------------------------------------------------ 12. what a fresh user broke
+
+
+def test_a_damaged_model_file_stops_learn_before_anything_is_removed(model2, data, tmp_path):
+    m = copy_model(model2, tmp_path / "m")
+    data_file = json.loads((m / "model.json").read_text())
+    for damage in ({**data_file, "versions": []}, {k: v for k, v in data_file.items() if k != "current"},
+                   {**data_file, "versions": [1, "x"]}, {**data_file, "format_version": 0}):
+        (m / "model.json").write_text(json.dumps(damage))
+        before = snapshot(m)
+        for args in (("learn", m, data / "t3"), ("history", m), ("rollback", m, "1")):
+            refused(invoke(*args), "is damaged")
+        assert snapshot(m) == before  # both version folders are still there
+    # a model.json listing fewer versions than the folders on disk: the unlisted ones are kept, not reused
+    (m / "model.json").write_text(json.dumps({**data_file, "versions": [1], "current": 1}))
+    ok(invoke("learn", m, data / "t3"))
+    assert (m / "versions/0002/model.safetensors").is_file()
+    assert [h["number"] for h in history_json(m)] == [1, 3]
+
+
+def test_a_first_learn_killed_after_its_rename_is_taken_up_by_the_next_learn(model2, data, tmp_path):
+    m = tmp_path / "m"
+    (m / "versions").mkdir(parents=True)
+    (m / ".lock").touch()
+    shutil.copytree(model2 / "versions/0001", m / "versions/0001")  # renamed, never committed
+    (m / "versions/.staging-99999").mkdir()
+    (m / ".model.json.abc.tmp").write_text("{")
+    ok(invoke("learn", m, data / "t1"))
+    assert [h["number"] for h in history_json(m)] == [1]
+    assert sorted(p.name for p in m.iterdir()) == [".lock", "model.json", "versions"]
+    assert sorted(p.name for p in (m / "versions").iterdir()) == ["0001"]
+    # a folder holding anything else is not taken
+    other = tmp_path / "other"
+    (other / "versions/0001").mkdir(parents=True)
+    (other / "versions/0001/notes.txt").write_text("mine")
+    refused(invoke("learn", other, data / "t1"), "not a duallora model directory")
+    assert (other / "versions/0001/notes.txt").read_text() == "mine"
+
+
+def test_evaluate_while_a_learn_holds_the_lock_prints_and_writes_but_does_not_record(model2, data, tmp_path):
+    m = copy_model(model2, tmp_path / "m")
+    with locked(m, "test"):
+        result = invoke("evaluate", m, data / "test", "-o", tmp_path / "ev")
+    assert result.exit_code == 0, result.output
+    assert "not recorded" in result.stderr and "accuracy" in result.stdout
+    assert (tmp_path / "ev/evaluation.json").is_file()
+    assert not (m / "versions/0002/evaluations.json").exists() or \
+        json.loads((m / "versions/0002/evaluations.json").read_text()) == \
+        json.loads((model2 / "versions/0002/evaluations.json").read_text())
+
+
+def test_outputs_inside_a_model_directory_are_refused(model2, data, tmp_path):
+    m = copy_model(model2, tmp_path / "m")
+    before = snapshot(m)
+    image = next((data / "test").rglob("*.png"))
+    refused(invoke("predict", m, image, "-o", m / "model.json"), "inside the model directory")
+    refused(invoke("evaluate", m, data / "test", "-o", m / "evals"), "inside the model directory")
+    assert snapshot(m) == before and not (m / "evals").exists()
+
+
+def test_class_names_are_unicode_normalised_and_split_folders_are_recognised(model2, data, tmp_path):
+    import unicodedata
+
+    from duallora.task_folder import scan_task_folder
+
+    nfd = tmp_path / "nfd"
+    shutil.copytree(data / "t3/e", nfd / unicodedata.normalize("NFD", "caf\u00e9"))
+    assert scan_task_folder(nfd).classes == ["caf\u00e9"]
+    shutil.copytree(data / "t3/e", nfd / "caf\u00e9")
+    with pytest.raises(DataError, match="name the same class twice"):
+        scan_task_folder(nfd)
+    split = tmp_path / "split"
+    shutil.copytree(data / "t3", split / "train")
+    shutil.copytree(data / "t3", split / "test")
+    refused(invoke("learn", tmp_path / "new", split), "looks like a data set with test and train splits")
+    assert not (tmp_path / "new").exists()

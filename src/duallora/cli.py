@@ -274,7 +274,7 @@ def _compare_command(items: List[str], output: Path, seeds: Optional[str], only:
 @user_errors
 def evaluate(
     overrides: Optional[List[str]] = typer.Argument(
-        None, metavar="[KEY=VALUE]...",
+        None, metavar="[MODEL_DIR FOLDER] [KEY=VALUE]...",
         help="Overrides that do not change the model: train.eval_batch_size, train.threads, train.device, "
         "train.precision, train.progress, data.root, data.num_workers, data.evaluate_on "
         "(e.g. train.device=cuda train.eval_batch_size=1024; data.evaluate_on=test gives the test numbers "
@@ -285,11 +285,15 @@ def evaluate(
         None, "--version", min=1, help="MODEL_DIR FOLDER: the model version to evaluate (default: current)."),
     record: bool = typer.Option(
         True, "--record/--no-record", help="MODEL_DIR FOLDER: add the result to the version's history."),
+    convert_channels: bool = typer.Option(
+        False, "--convert-channels", help="MODEL_DIR FOLDER: accept images whose channels differ from the backbone's."),
     data_root: Optional[str] = typer.Option(None, "--data-root", help="Data folder if it moved since the run."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write the metrics to this JSON file."),
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o", help="--checkpoint: also write the metrics to this new JSON file; MODEL_DIR FOLDER: "
+        "write evaluation.json and confusion_matrix.png into this new folder."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
-    """Re-evaluate saved checkpoints on the run's test data and print the metrics.
+    """Re-evaluate a run's checkpoints on its test data, or a model on a labelled folder (MODEL_DIR FOLDER).
 
     A run folder re-evaluates every task's checkpoint, which rebuilds the accuracy matrix and every
     metric of metrics.json. KEY=VALUE overrides change only where and how the stored model runs
@@ -315,7 +319,7 @@ def evaluate(
             raise ConfigError("give either MODEL_DIR FOLDER (a model on a labelled folder) or --checkpoint RUN "
                               f"(a run on its own test data), not {' '.join(paths)}")
         _evaluate_folder(Path(paths[0]), Path(paths[1]), version, output, record,
-                         [o for o in (overrides or []) if "=" in o])
+                         [o for o in (overrides or []) if "=" in o], convert_channels)
         return
     if checkpoint is None:
         raise ConfigError("give MODEL_DIR FOLDER or --checkpoint RUN (see duallora evaluate --help)")
@@ -382,7 +386,8 @@ def predict(
 
     Images are read and converted as the run's dataset reads its images (mode L or RGB for the
     backbone's channels, resized to its input size; the benchmarks' timm resize and centre crop).
-    One row per image: path, class_id (dataset label id), class_name, task (the most probable task,
+    One row per image: path, class_id (a run's dataset label id; a model directory's class number, in the
+    order classes were learned), class_name, task (the most probable task,
     numbered from 1 as in the run's output), task_confidence (its probability, max_j p(task j | image)),
     then topI_class and topI_prob for the K most probable classes (class probabilities p(y | image),
     the run's calibration applied).
@@ -405,6 +410,9 @@ def predict(
     if output is not None and output.exists() and output.suffix.lower() not in (".csv", ".json", ".tsv", ".txt"):
         raise ConfigError(f"--output {output} exists and is not a .csv/.json table (a checkpoint or an image?); "
                           "give a new file name (nothing was overwritten)")
+    from duallora.model_dir import refuse_inside_model
+
+    refuse_inside_model(output)
     found = find_images(images)
     predictor = _predictor(checkpoint, version, device=device, threads=threads, precision=precision,
                            batch_size=batch_size)
@@ -430,23 +438,24 @@ def predict(
 
 
 def _evaluate_folder(model_dir: Path, folder: Path, version: Optional[int], output: Optional[Path], record: bool,
-                     overrides: List[str]) -> None:
+                     overrides: List[str], convert_channels: bool = False) -> None:
     """``duallora evaluate MODEL_DIR FOLDER``: print the accuracies, write JSON and PNG with ``--output``."""
     from duallora.errors import ConfigError
     from duallora.folder_evaluation import evaluate_folder, write_evaluation
-    from duallora.model_dir import ContinualModel, is_model_dir
+    from duallora.model_dir import ContinualModel, is_model_dir, refuse_inside_model
 
     if output is not None and output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise ConfigError(f"--output {output} exists and is not an empty folder; give a new folder")
+    refuse_inside_model(output)
     if is_model_dir(model_dir):
         result = ContinualModel.open(model_dir).evaluate(folder, version=version, output=output, record=record,
-                                                         overrides=overrides)
+                                                         overrides=overrides, convert_channels=convert_channels)
     else:  # a run folder: its last (or --version) task, class names from class_order.json
         predictor = _predictor(model_dir, version)
         task_of = {c: t + 1 for t, cs in enumerate(predictor.learner.task_classes) for c in cs}
         rec = {"classes": [{"id": c, "name": predictor.class_names[c], "task": task_of[c]}
                            for c in predictor.learner.seen_labels]}
-        result = evaluate_folder(predictor, rec, folder)
+        result = evaluate_folder(predictor, rec, folder, convert_channels=convert_channels)
         if output is not None:
             write_evaluation(output, result, predictor.class_names)
     typer.echo(f"accuracy {result['accuracy']:.2f}% on {result['images']} images of {folder} "
@@ -455,6 +464,8 @@ def _evaluate_folder(model_dir: Path, folder: Path, version: Optional[int], outp
     typer.echo("per class: " + ", ".join(f"{c} {a:.1f}%" for c, a in result["per_class_accuracy"].items()))
     if output is not None:
         typer.echo(f"written: {output / 'evaluation.json'}, {output / 'confusion_matrix.png'}")
+    if result.get("not_recorded"):
+        typer.echo(f"warning: {result['not_recorded']}", err=True)
 
 
 def _predictor(path: Path, version: Optional[int], **options):

@@ -93,9 +93,10 @@ def register(app: typer.Typer, user_errors: Callable, terminate_as_interrupt: Ca
         version: int = typer.Argument(..., metavar="VERSION", help="The version to make current."),
         prune: bool = typer.Option(False, "--prune", help="Delete the versions numbered after VERSION."),
     ) -> None:
-        """Make an earlier version current; later versions are kept (listed by history) unless --prune.
+        """Make VERSION the current version (an earlier one, or back to a later one); the others are kept
+        (listed by history) unless --prune deletes those numbered after VERSION.
 
-        The next learn starts from VERSION and gets a new number.
+        The next learn starts from VERSION and gets a number no version had before.
         """
         from duallora.model_dir import ContinualModel, read_model_file
 

@@ -16,13 +16,15 @@ from duallora.errors import CheckpointError, DataError
 
 
 def evaluate_folder(predictor: Any, record: dict[str, Any], folder: str | Path,
-                    batch_size: Optional[int] = None) -> dict[str, Any]:
+                    batch_size: Optional[int] = None, convert_channels: bool = False) -> dict[str, Any]:
     """Predict every image of ``folder`` with ``predictor`` and score it against its class folder.
 
     Args:
         predictor: a :class:`~duallora.predict.Predictor` of the version.
         record: the version's record (``classes``: ``[{"id", "name", "task"}]``).
         folder: one subfolder per class, every class known to the version.
+        convert_channels: accept images whose channels differ from the backbone's (converted when read),
+            as ``learn --convert-channels``; otherwise they are refused (:func:`~duallora.task_folder.check_channels`).
 
     Returns:
         ``folder``, ``images``, ``accuracy`` (percent of images), ``per_class_accuracy``
@@ -34,9 +36,10 @@ def evaluate_folder(predictor: Any, record: dict[str, Any], folder: str | Path,
         DataError: a class folder whose name the version does not know (named, with the known ones),
             or an image that cannot be read.
     """
-    from duallora.task_folder import scan_task_folder
+    from duallora.task_folder import check_channels, scan_task_folder
 
     tf = scan_task_folder(folder)
+    check_channels(tf, int(predictor.learner.backbone_info.input_size[0]), convert=convert_channels)
     by_name = {c["name"]: c for c in record["classes"]}
     unknown = [c for c in tf.classes if c not in by_name]
     if unknown:

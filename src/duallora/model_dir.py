@@ -44,10 +44,12 @@ from duallora.model_format import (  # noqa: F401  (re-exported: the model direc
     VersionInfo,
     elapsed,
     is_model_dir,
+    leftovers_only,
     locked,
     next_version_number,
     now_iso,
     read_model_file,
+    remove_leftovers,
     version_dir,
     version_info,
     version_record,
@@ -107,7 +109,11 @@ class ContinualModel:
                 raise CheckpointError(f"{str(root)!r} is a file; give a folder for the model directory")
             if is_model_dir(root):
                 read_model_file(root)
-            elif any(p.name != LOCK for p in root.iterdir()):
+            elif (root / "checkpoints").is_dir() or (root / "metrics.json").is_file():
+                raise CheckpointError(f"{str(root)!r} is a run folder of `duallora run`: history, predict --version "
+                                      "and evaluate read it, but it cannot learn further; start a model directory with "
+                                      "`duallora learn NEW_MODEL_DIR FOLDER`")
+            elif not leftovers_only(root):
                 raise CheckpointError(f"{str(root)!r} is not empty and is not a duallora model directory; give a new "
                                       "or empty folder for a new model (nothing in it was changed)")
         return cls(root, list(overrides), Path(config) if config is not None else None)
@@ -198,13 +204,16 @@ class ContinualModel:
         return result.predictions
 
     def evaluate(self, folder: str | Path, *, version: Optional[int] = None, output: Optional[Path] = None,
-                 record: bool = True, overrides: Sequence[str] = ()) -> dict[str, Any]:
+                 record: bool = True, overrides: Sequence[str] = (), convert_channels: bool = False) -> dict[str, Any]:
         """Evaluate a version on a labelled folder of known classes
         (:func:`~duallora.folder_evaluation.evaluate_folder`).
 
         Args:
-            record: add the result to the version's evaluations (``history`` shows the latest).
+            record: add the result to the version's evaluations (``history`` shows the latest); while another
+                process holds the lock it is not recorded: ``result["recorded"]`` is False and
+                ``result["not_recorded"]`` says why.
             output: also write ``evaluation.json`` and ``confusion_matrix.png`` into this new folder.
+            convert_channels: accept images whose channels differ from the backbone's.
 
         Raises:
             DataError: the folder's classes are not all known to the version, or bad images.
@@ -212,13 +221,21 @@ class ContinualModel:
         from duallora.folder_evaluation import evaluate_folder, record_evaluation, write_evaluation
 
         number = self._resolve(version)
-        result = evaluate_folder(self.predictor(number, overrides), self.record(number), folder)
+        result = evaluate_folder(self.predictor(number, overrides), self.record(number), folder,
+                                 convert_channels=convert_channels)
         result["version"] = number
         if output is not None:
             write_evaluation(Path(output), result, self.class_names(number))
+        result["recorded"] = False
         if record:
-            with locked(self.root, f"duallora evaluate {self.root}"):
-                record_evaluation(version_dir(self.root, number), result)
+            try:
+                with locked(self.root, f"duallora evaluate {self.root}"):
+                    record_evaluation(version_dir(self.root, number), result)
+                result["recorded"] = True
+            except CheckpointError:  # a learn or rollback holds the lock: the result stands, unrecorded
+                result["not_recorded"] = (f"not recorded in the history of {self.root}: another duallora process "
+                                          "(a learn or rollback) holds the model directory's lock; the result is "
+                                          "complete")
         return result
 
     # ------------------------------------------------------------------ changing
@@ -236,7 +253,10 @@ class ContinualModel:
         with locked(self.root, f"duallora rollback {self.root} {version}"):
             data = self.model_file()
             number = self._resolve(version)
+            self.record(number)  # the version's files must be readable before it becomes current
+            _checkpoint_metadata(version_dir(self.root, number) / CHECKPOINT)
             gone = [int(v) for v in data["versions"] if int(v) > number] if prune else []
+            data["last_version"] = max([int(data.get("last_version", 0))] + [int(v) for v in data["versions"]])
             data["current"] = number
             data["versions"] = [int(v) for v in data["versions"] if int(v) not in gone]
             write_json_atomic(self.root / MODEL_FILE, data)  # the commit point
@@ -280,17 +300,30 @@ class ContinualModel:
         self.root.mkdir(parents=True, exist_ok=True)
         try:
             with locked(self.root, f"duallora learn {self.root} {folder}"):
-                _remove_stale_staging(self.root)
+                if is_model_dir(self.root):
+                    read_model_file(self.root)  # a damaged model.json stops here, before anything is removed
+                remove_leftovers(self.root)
                 return learn_version(self, Path(folder), eval_folder=eval_folder,
                                      convert_channels=convert_channels, echo=echo)
+        except KeyboardInterrupt as exc:
+            self._clean_failed_first(created, lock_existed)
+            if str(exc):
+                raise
+            current = f"current version {self.current}" if self.exists else "no model was created"
+            raise KeyboardInterrupt(f"interrupted; the model in {self.root} is unchanged ({current})") from exc
         except BaseException:
-            if not is_model_dir(self.root):  # a first learn that failed: leave nothing behind
-                if created is not None:
-                    shutil.rmtree(created, ignore_errors=True)
-                elif not lock_existed:
-                    (self.root / LOCK).unlink(missing_ok=True)
-                    shutil.rmtree(self.root / VERSIONS, ignore_errors=True)
+            self._clean_failed_first(created, lock_existed)
             raise
+
+    def _clean_failed_first(self, created: Optional[Path], lock_existed: bool) -> None:
+        """After a failed first learn, remove what it made (the folders it created, or its lock file and
+        ``versions/`` in a folder that was empty): leave nothing behind."""
+        if not is_model_dir(self.root):
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)
+            elif not lock_existed:
+                (self.root / LOCK).unlink(missing_ok=True)
+                shutil.rmtree(self.root / VERSIONS, ignore_errors=True)
 
     def config_for_learn(self) -> tuple[Any, Optional[dict[str, Any]]]:
         """``(config of the next learn, model.json or None for a new model)``.
@@ -363,21 +396,6 @@ def _explicit_keys(config_file: Optional[Path], items: Sequence[str]) -> list[st
     return keys
 
 
-def _remove_stale_staging(root: Path) -> None:
-    """Remove what an interrupted learn left (called under the lock): its staging folder
-    ``versions/.staging-*`` and a version folder ``versions/NNNN`` renamed but never committed to
-    ``model.json``. Both are duallora's own; nothing else in the directory is touched."""
-    folder = root / VERSIONS
-    if not folder.is_dir():
-        return
-    listed = {int(v) for v in read_model_file(root)["versions"]} if is_model_dir(root) else set()
-    for p in folder.iterdir():
-        if p.is_symlink() or not p.is_dir():
-            continue
-        if p.name.startswith(STAGING_PREFIX) or (p.name.isdigit() and len(p.name) == 4 and int(p.name) not in listed):
-            shutil.rmtree(p, ignore_errors=True)
-
-
 # ------------------------------------------------------------------------------------------ run folders
 
 
@@ -438,3 +456,18 @@ def model_history(path: str | Path) -> list[VersionInfo]:
         raise CheckpointError(f"{str(path)!r} is neither a duallora model directory (no {MODEL_FILE}) nor a run "
                               "folder (no checkpoints/); create a model with `duallora learn MODEL_DIR FOLDER`")
     return run_history(path)
+
+
+def refuse_inside_model(output: Optional[str | Path]) -> None:
+    """Refuse an output path inside a model directory (its files are duallora's alone).
+
+    Raises:
+        ConfigError: ``output`` lies in (or is) a folder holding a ``model.json``.
+    """
+    if output is None:
+        return
+    p = Path(output).absolute()
+    for folder in [p, *p.parents]:
+        if is_model_dir(folder):
+            raise ConfigError(f"--output {output} lies inside the model directory {folder}, whose files only duallora "
+                              "writes; give a path outside it (nothing was written)")

@@ -28,8 +28,8 @@ RECORD = "version.json"
 EVALUATIONS = "evaluations.json"
 LOCK = ".lock"
 STAGING_PREFIX = ".staging-"
-
-
+#: Files a version folder holds (and the temporary names :func:`~duallora.reporting.write_bytes_atomic` uses).
+VERSION_FILES = frozenset({CHECKPOINT, RECORD, EVALUATIONS})
 
 
 # ------------------------------------------------------------------------------------------ records
@@ -91,11 +91,24 @@ def read_model_file(root: Path) -> dict[str, Any]:
                               f"`duallora learn {root} FOLDER`")
     data = _read_json(path, "model file")
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a duallora model file (format {data.get('format')!r})")
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise CheckpointError(f"{path} is not a duallora model file (format {found!r})")
     version = data.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
         raise CheckpointError(f"{root} was written by a newer duallora (model format {version}; this duallora "
-                              f"reads up to {FORMAT_VERSION}); upgrade duallora (pip install -U duallora)")
+                              f"reads up to {FORMAT_VERSION}); upgrade duallora to the release or checkout that "
+                              "wrote it")
+    versions = data.get("versions")
+    current = data.get("current")
+    ok = (isinstance(version, int) and not isinstance(version, bool) and version >= 1
+          and isinstance(versions, list) and versions
+          and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in versions)
+          and isinstance(current, int) and current in versions)
+    if not ok:
+        raise CheckpointError(f"{path} is damaged (format_version {version!r}, versions {versions!r}, current "
+                              f"{current!r}: expected a format version 1..{FORMAT_VERSION}, a non-empty list of "
+                              "version numbers and the current one among them); restore it from a backup or "
+                              "`duallora history --json` of a copy")
     return data
 
 
@@ -149,8 +162,67 @@ def locked(root: Path, what: str) -> Iterator[None]:
 
 
 def next_version_number(root: Path, data: Optional[dict[str, Any]]) -> int:
-    """One more than the highest committed version (numbers of pruned versions may come back)."""
-    return max((int(v) for v in (data or {}).get("versions", [])), default=0) + 1
+    """A number no version of this directory ever had: one more than every committed version, the highest
+    ever given (``model.json``'s ``last_version``, kept after a prune) and every numbered folder on disk
+    (a version folder an interrupted learn renamed but never committed)."""
+    numbers = [int(v) for v in (data or {}).get("versions", [])] + [int((data or {}).get("last_version", 0))]
+    folder = Path(root) / VERSIONS
+    if folder.is_dir():
+        numbers += [int(p.name) for p in folder.iterdir() if p.name.isdigit()]
+    return max(numbers, default=0) + 1
+
+
+def _ours(path: Path, names: frozenset[str]) -> bool:
+    """Whether ``path`` is one of ``names`` or an atomic write's temporary file of one (``.NAME.*.tmp``)."""
+    n = path.name
+    return n in names or any(n.startswith(f".{x}.") and n.endswith(".tmp") for x in names)
+
+
+def leftovers_only(root: Path) -> bool:
+    """Whether a folder without ``model.json`` holds nothing but what an interrupted *first* learn leaves:
+    the lock file, a temporary ``model.json``, and under ``versions/`` staging folders and version folders
+    holding only version files. Such a folder is taken as a new model (the next learn cleans it)."""
+    for p in Path(root).iterdir():
+        if p.name == LOCK or (_ours(p, frozenset({MODEL_FILE})) and p.is_file()):
+            continue
+        if p.name != VERSIONS or not p.is_dir() or p.is_symlink():
+            return False
+        for v in p.iterdir():
+            if v.is_symlink() or not v.is_dir():
+                return False
+            if not v.name.startswith(STAGING_PREFIX) and not (v.name.isdigit() and len(v.name) == 4):
+                return False
+            if not all(_ours(f, VERSION_FILES) and f.is_file() for f in v.iterdir()):
+                return False
+    return True
+
+
+def remove_leftovers(root: Path) -> list[str]:
+    """Remove what an interrupted learn left (called under the lock); returns what was removed.
+
+    Always: staging folders ``versions/.staging-*`` and temporary ``model.json`` files, both duallora's own.
+    Version folders ``versions/NNNN`` only when there is no ``model.json`` yet (an interrupted first learn:
+    nothing was ever committed, :func:`leftovers_only` checked that they hold only version files); with a
+    ``model.json``, an unlisted version folder is never deleted (its number is skipped instead).
+    """
+    import shutil
+
+    removed: list[str] = []
+    root = Path(root)
+    first = not (root / MODEL_FILE).is_file()
+    for p in root.iterdir():
+        if p.name != MODEL_FILE and _ours(p, frozenset({MODEL_FILE})) and p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p.name)
+    folder = root / VERSIONS
+    if folder.is_dir():
+        for v in folder.iterdir():
+            if v.is_symlink() or not v.is_dir():
+                continue
+            if v.name.startswith(STAGING_PREFIX) or (first and v.name.isdigit() and leftovers_only(root)):
+                shutil.rmtree(v, ignore_errors=True)
+                removed.append(f"{VERSIONS}/{v.name}")
+    return removed
 
 
 def now_iso() -> str:

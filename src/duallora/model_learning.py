@@ -62,7 +62,8 @@ def learn_version(model: Any, folder: Path, *, eval_folder: Optional[str | Path]
     task_folder = scan_task_folder(folder, min_images=method_cls.min_images_per_class(cfg.method))
     fewest = method_cls.min_classes_per_task(cfg.method)
     if len(task_folder.classes) < fewest:
-        raise DataError(f"{folder} holds {len(task_folder.classes)} class, but method {cfg.method.name!r} learns at "
+        held = _count(len(task_folder.classes), "class")
+        raise DataError(f"{folder} holds {held}, but method {cfg.method.name!r} learns at "
                         f"least {fewest} classes per task (one softmax head per task: a head of one class gets no "
                         "training signal and its class would never be predicted); put at least two new classes in "
                         "the folder, or use a model whose method handles it (duallora, fecam, simplecil, ranpac, "
@@ -74,7 +75,10 @@ def learn_version(model: Any, folder: Path, *, eval_folder: Optional[str | Path]
                         "new classes, or leave them out")
     eval_tf = None
     if eval_folder is not None:
-        eval_tf = scan_task_folder(eval_folder)
+        try:
+            eval_tf = scan_task_folder(eval_folder)
+        except DataError as exc:
+            raise DataError(f"--eval {eval_folder}: {exc}") from exc
         unknown = sorted(set(eval_tf.classes) - known_names - set(task_folder.classes))
         if unknown:
             raise DataError(f"--eval {eval_folder}: class(es) {', '.join(map(repr, unknown))} are neither known to "
@@ -96,8 +100,8 @@ def learn_version(model: Any, folder: Path, *, eval_folder: Optional[str | Path]
     dataset = dataset_of(task_folder, ids, info.input_size)
     digest = task_folder.sha256()
     where = f"the model in {model.root}" if data is not None else f"a new {cfg.method.name} model in {model.root}"
-    echo(f"learning task {task}: {len(task_folder.classes)} classes, {task_folder.num_images} images from {folder} "
-         f"into {where}")
+    echo(f"learning task {task}: {_count(len(task_folder.classes), 'class')}, {task_folder.num_images} images "
+         f"from {folder} into {where}")
     try:
         record = learner.learn_task(dataset, ids)
     except KeyboardInterrupt as exc:
@@ -125,7 +129,8 @@ def learn_version(model: Any, folder: Path, *, eval_folder: Optional[str | Path]
         from duallora.predict import Predictor
 
         names = {c["id"]: c["name"] for c in classes}
-        evaluation = evaluate_folder(Predictor(learner, Path(CHECKPOINT), names), version, eval_folder)
+        evaluation = evaluate_folder(Predictor(learner, Path(CHECKPOINT), names), version, eval_folder,
+                                     convert_channels=convert_channels)
         evaluation["version"] = number
     staging = model.root / VERSIONS / f"{STAGING_PREFIX}{os.getpid()}"
     final = version_dir(model.root, number)
@@ -146,6 +151,7 @@ def learn_version(model: Any, folder: Path, *, eval_folder: Optional[str | Path]
             "format": FORMAT, "format_version": FORMAT_VERSION, "created": version["created"],
             "backbone": cfg.backbone.name, "method": cfg.method.name, "versions": []}
         model_file["versions"] = [int(v) for v in model_file["versions"]] + [number]
+        model_file["last_version"] = max(number, int(model_file.get("last_version", 0)))
         model_file["current"] = number
         write_json_atomic(model.root / MODEL_FILE, model_file)  # the commit point
         committed = True
@@ -172,6 +178,11 @@ def evaluation_summary_or_none(evaluation: Optional[dict[str, Any]]) -> Optional
     from duallora.folder_evaluation import evaluation_summary
 
     return evaluation_summary(evaluation)
+
+
+def _count(n: int, word: str) -> str:
+    """``"1 class"``, ``"2 classes"``."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}es" if word.endswith("s") else f"{n} {word}s"
 
 
 def _unchanged(root: Path, data: Optional[dict[str, Any]], what: str) -> str:

@@ -17,6 +17,7 @@ accepts them, converting as ``imagefolder`` does).
 from __future__ import annotations
 
 import hashlib
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -33,7 +34,8 @@ class TaskFolder:
 
     Attributes:
         root: the folder.
-        classes: class names (the class folders' names), sorted.
+        classes: class names (the class folders' names in Unicode NFC form, so that a name typed or
+            written by another system in decomposed form is the same class), in sorted folder order.
         files: ``files[i]`` the image files of ``classes[i]``, sorted by their path relative to ``root``.
     """
 
@@ -101,8 +103,16 @@ def scan_task_folder(folder: str | Path, *, min_images: int = 1) -> TaskFolder:
                        key=lambda p: p.relative_to(root).as_posix())
         if not found:
             empty.append(d.name)
-        classes.append(d.name)
+        classes.append(unicodedata.normalize("NFC", d.name))
         files.append(found)
+    twice = sorted({c for c in classes if classes.count(c) > 1})
+    if twice:
+        raise DataError(f"class folders in {str(root)!r} name the same class twice ({', '.join(map(repr, twice))}, "
+                        "written in different Unicode forms); merge them into one folder")
+    split = {"train", "test", "val", "validation"} & set(classes)
+    if "train" in split and len(split) > 1 and all(any(q.is_dir() for q in (root / s).iterdir()) for s in split):
+        raise DataError(f"{str(root)!r} looks like a data set with {' and '.join(sorted(split))} splits, not a folder "
+                        f"of classes; give {root / 'train'} to learn (and e.g. {root / 'test'} to evaluate)")
     if empty:
         raise DataError(f"class folder(s) {', '.join(repr(e) for e in empty)} in {str(root)!r} hold no image "
                         f"(accepted extensions: {' '.join(IMAGE_EXTENSIONS)}); add images or remove the folder(s)")
