@@ -593,3 +593,17 @@ def test_class_names_are_unicode_normalised_and_split_folders_are_recognised(mod
     shutil.copytree(data / "t3", split / "test")
     refused(invoke("learn", tmp_path / "new", split), "looks like a data set with test and train splits")
     assert not (tmp_path / "new").exists()
+
+
+def test_files_that_are_not_images_are_counted_and_named_in_the_learn_output(data, tmp_path):
+    from duallora.task_folder import scan_task_folder
+
+    folder = tmp_path / "w"
+    shutil.copytree(data / "t1", folder)
+    (folder / "a" / "notes.txt").write_text("not an image")
+    (folder / "a" / "scan.tif").write_bytes(b"II*\0")
+    (folder / "a" / ".hidden.png").write_bytes(b"")  # hidden: neither learned nor counted
+    found = scan_task_folder(folder)
+    assert (found.skipped, found.num_images) == (2, scan_task_folder(data / "t1").num_images)
+    r = ok(invoke("learn", tmp_path / "m", folder, *TRAIN))
+    assert f"note: 2 file(s) in {folder} are not images of an accepted type" in r.stdout

@@ -99,6 +99,11 @@ def learn_version(model: Any, folder: Path, *, eval_folder: Optional[str | Path]
     ids = list(range(len(known), len(known) + len(task_folder.classes)))
     dataset = dataset_of(task_folder, ids, info.input_size)
     digest = task_folder.sha256()
+    if task_folder.skipped:
+        from duallora.data.base import IMAGE_EXTENSIONS
+
+        echo(f"note: {task_folder.skipped} file(s) in {folder} are not images of an accepted type "
+             f"({' '.join(IMAGE_EXTENSIONS)}) and were left out")
     where = f"the model in {model.root}" if data is not None else f"a new {cfg.method.name} model in {model.root}"
     echo(f"learning task {task}: {_count(len(task_folder.classes), 'class')}, {task_folder.num_images} images "
          f"from {folder} into {where}")

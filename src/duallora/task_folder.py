@@ -37,11 +37,14 @@ class TaskFolder:
         classes: class names (the class folders' names in Unicode NFC form, so that a name typed or
             written by another system in decomposed form is the same class), in sorted folder order.
         files: ``files[i]`` the image files of ``classes[i]``, sorted by their path relative to ``root``.
+        skipped: files in the class folders that were left out (not an accepted image extension; hidden
+            files excluded), e.g. ``.tif`` images or notes, so that a caller can say so.
     """
 
     root: Path
     classes: list[str]
     files: list[list[Path]]
+    skipped: int = 0
 
     @property
     def num_images(self) -> int:
@@ -97,10 +100,12 @@ def scan_task_folder(folder: str | Path, *, min_images: int = 1) -> TaskFolder:
     classes: list[str] = []
     files: list[list[Path]] = []
     empty: list[str] = []
+    skipped = 0
     for d in dirs:
-        found = sorted((p for p in d.rglob("*") if is_image(p)
-                        and not any(part.startswith(".") for part in p.relative_to(d).parts)),
-                       key=lambda p: p.relative_to(root).as_posix())
+        visible = [p for p in d.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(d).parts)]
+        found = sorted((p for p in visible if is_image(p)), key=lambda p: p.relative_to(root).as_posix())
+        skipped += len(visible) - len(found)
         if not found:
             empty.append(d.name)
         classes.append(unicodedata.normalize("NFC", d.name))
@@ -121,7 +126,7 @@ def scan_task_folder(folder: str | Path, *, min_images: int = 1) -> TaskFolder:
         listed = ", ".join(f"{c!r} ({n})" for c, n in few)
         raise DataError(f"class(es) {listed} in {str(root)!r} have fewer than the {min_images} images per class "
                         "that this method needs; add images to them or leave them out of this folder")
-    return TaskFolder(root, classes, files)
+    return TaskFolder(root, classes, files, skipped)
 
 
 def check_channels(folder: TaskFolder, channels: int, *, convert: bool = False) -> None:
