@@ -5,7 +5,7 @@
 creating the model on first use from a config (defaults as in ``duallora run``). The layout
 (format 1, docs/model-directory.md)::
 
-    MODEL_DIR/model.json                       format, format_version, current version, committed versions
+    MODEL_DIR/model.json                       format, format_version, current, versions, last_version
     MODEL_DIR/versions/0001/model.safetensors  what the method keeps after the version's task (no image, no path)
     MODEL_DIR/versions/0001/version.json       the version's record: parent, task, classes, images, data hash, times
     MODEL_DIR/versions/0001/evaluations.json   evaluations of this version (``duallora evaluate``), when any
@@ -14,12 +14,13 @@ creating the model on first use from a config (defaults as in ``duallora run``).
 Versions are atomic: a learn writes ``versions/.staging-<pid>/``, renames it to ``versions/NNNN`` and
 then replaces ``model.json`` (write to a temporary file, fsync, rename), the single commit point. A
 learn that stops before that rename (Ctrl-C, SIGTERM, ``kill -9``, an error) leaves ``model.json``,
-hence the model, exactly as it was; the next learn removes the stale staging folders (its own kind).
+hence the model, exactly as it was; the next learn removes what it left
+(:func:`~duallora.model_format.remove_leftovers`).
 A second learn or rollback while one runs gets a clear error (``flock`` on ``.lock``, released by the
 kernel when the process dies, so a killed learn never leaves a stale lock).
 
 A run folder of ``duallora run`` is read as a model directory whose versions are its tasks
-(:func:`open_versions`): ``predict --version K``, ``history`` and ``evaluate`` work on it too.
+(:func:`run_history`): ``predict --version K``, ``history`` and ``evaluate`` work on it too.
 """
 
 from __future__ import annotations
