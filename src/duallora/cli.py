@@ -457,7 +457,7 @@ def _evaluate_folder(model_dir: Path, folder: Path, version: Optional[int], outp
                            for c in predictor.learner.seen_labels]}
         result = evaluate_folder(predictor, rec, folder, convert_channels=convert_channels)
         if output is not None:
-            write_evaluation(output, result, predictor.class_names)
+            write_evaluation(output, result)
     typer.echo(f"accuracy {result['accuracy']:.2f}% on {result['images']} images of {folder} "
                f"(task-id {result['task_id_accuracy']:.2f}%)")
     typer.echo("per task: " + ", ".join(f"task {t} {a:.2f}%" for t, a in result["per_task_accuracy"].items()))

@@ -105,7 +105,7 @@ def record_evaluation(version_folder: Path, result: dict[str, Any]) -> None:
     write_json_atomic(path, records + [evaluation_summary(result)])
 
 
-def write_evaluation(output: Path, result: dict[str, Any], class_names: dict[int, str]) -> Path:
+def write_evaluation(output: Path, result: dict[str, Any]) -> Path:
     """Write ``evaluation.json`` and ``confusion_matrix.png`` into ``output`` (a new or empty folder).
 
     Raises:

@@ -226,7 +226,7 @@ class ContinualModel:
                                  convert_channels=convert_channels)
         result["version"] = number
         if output is not None:
-            write_evaluation(Path(output), result, self.class_names(number))
+            write_evaluation(Path(output), result)
         result["recorded"] = False
         if record:
             try:
@@ -298,6 +298,7 @@ class ContinualModel:
         while not top.exists():
             created, top = top, top.parent
         lock_existed = (self.root / LOCK).exists()
+        before = self.current if self.exists else None
         self.root.mkdir(parents=True, exist_ok=True)
         try:
             with locked(self.root, f"duallora learn {self.root} {folder}"):
@@ -308,10 +309,14 @@ class ContinualModel:
                                      convert_channels=convert_channels, echo=echo)
         except KeyboardInterrupt as exc:
             self._clean_failed_first(created, lock_existed)
-            if str(exc):
-                raise
-            current = f"current version {self.current}" if self.exists else "no model was created"
-            raise KeyboardInterrupt(f"interrupted; the model in {self.root} is unchanged ({current})") from exc
+            now = self.current if self.exists else None
+            if now != before:  # stopped after the commit: the new version is complete and current
+                message = f"interrupted after version {now} of {self.root} was committed; it is the current version"
+            elif now is None:
+                message = f"interrupted; no model was created in {self.root}"
+            else:
+                message = f"interrupted; the model in {self.root} is unchanged (current version {now})"
+            raise KeyboardInterrupt(message) from exc
         except BaseException:
             self._clean_failed_first(created, lock_existed)
             raise

@@ -107,10 +107,7 @@ def learn_version(model: Any, folder: Path, *, eval_folder: Optional[str | Path]
     where = f"the model in {model.root}" if data is not None else f"a new {cfg.method.name} model in {model.root}"
     echo(f"learning task {task}: {_count(len(task_folder.classes), 'class')}, {task_folder.num_images} images "
          f"from {folder} into {where}")
-    try:
-        record = learner.learn_task(dataset, ids)
-    except KeyboardInterrupt as exc:
-        raise KeyboardInterrupt(_unchanged(model.root, data, "interrupted")) from exc
+    record = learner.learn_task(dataset, ids)
     classes = known + [{"id": i, "name": n, "task": task, "train_images": len(f)}
                        for i, n, f in zip(ids, task_folder.classes, task_folder.files)]
     number = next_version_number(model.root, data)
@@ -130,13 +127,14 @@ def learn_version(model: Any, folder: Path, *, eval_folder: Optional[str | Path]
     }
     evaluation = None
     if eval_tf is not None:
-        from duallora.folder_evaluation import evaluate_folder
+        from duallora.folder_evaluation import evaluate_folder, evaluation_summary
         from duallora.predict import Predictor
 
         names = {c["id"]: c["name"] for c in classes}
         evaluation = evaluate_folder(Predictor(learner, Path(CHECKPOINT), names), version, eval_folder,
                                      convert_channels=convert_channels)
         evaluation["version"] = number
+        version["evaluations"] = [evaluation_summary(evaluation)]
     staging = model.root / VERSIONS / f"{STAGING_PREFIX}{os.getpid()}"
     final = version_dir(model.root, number)
     committed = False
@@ -147,9 +145,7 @@ def learn_version(model: Any, folder: Path, *, eval_folder: Optional[str | Path]
         version["learn_time_s"] = elapsed(start)
         write_json_atomic(staging / RECORD, version)
         if evaluation is not None:
-            from duallora.folder_evaluation import evaluation_summary
-
-            write_json_atomic(staging / EVALUATIONS, [evaluation_summary(evaluation)])
+            write_json_atomic(staging / EVALUATIONS, version["evaluations"])
         os.replace(staging, final)
         fsync_dir(final.parent)
         model_file = dict(data) if data is not None else {
@@ -160,15 +156,12 @@ def learn_version(model: Any, folder: Path, *, eval_folder: Optional[str | Path]
         model_file["current"] = number
         write_json_atomic(model.root / MODEL_FILE, model_file)  # the commit point
         committed = True
-    except BaseException as exc:
-        if committed:  # interrupted after the commit: the new version is current
-            raise
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(final, ignore_errors=True)  # renamed but never committed: ours, never listed
-        if isinstance(exc, KeyboardInterrupt):
-            raise KeyboardInterrupt(_unchanged(model.root, data, "interrupted")) from exc
+    except BaseException:
+        if not committed:
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(final, ignore_errors=True)  # renamed but never committed: ours, never listed
         raise
-    version["evaluations"] = [evaluation_summary_or_none(evaluation)] if evaluation is not None else []
+    version.setdefault("evaluations", [])
     info_ = version_info(version, number)
     echo(f"version {number} of {model.root}: task {task}, classes {', '.join(task_folder.classes)}; "
          f"{record['summary']} ({version['learn_time_s']:.1f}s)"
@@ -176,21 +169,6 @@ def learn_version(model: Any, folder: Path, *, eval_folder: Optional[str | Path]
     return info_
 
 
-def evaluation_summary_or_none(evaluation: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
-    """The recorded summary of an evaluation (None stays None)."""
-    if evaluation is None:
-        return None
-    from duallora.folder_evaluation import evaluation_summary
-
-    return evaluation_summary(evaluation)
-
-
 def _count(n: int, word: str) -> str:
     """``"1 class"``, ``"2 classes"``."""
     return f"{n} {word}" if n == 1 else f"{n} {word}es" if word.endswith("s") else f"{n} {word}s"
-
-
-def _unchanged(root: Path, data: Optional[dict[str, Any]], what: str) -> str:
-    if data is None:
-        return f"{what}; no model was created in {root}"
-    return f"{what}; the model in {root} is unchanged (current version {data['current']})"
