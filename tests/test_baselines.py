@@ -721,3 +721,56 @@ def test_duallora_head_over_gate_trains_heads_on_top_of_the_gate_class_scores():
     assert torch.allclose(got, want, atol=1e-4)
     with pytest.raises(ConfigError, match="head_over_gate"):
         load_config(None, ["method.head_over_gate=true", "method.class_scores=heads+gate"])
+
+
+def test_duallora_stats_class_scores_are_ncm_all_statistics_of_the_adapted_model():
+    overrides = ["method.gate_layer=1", r"method.adapted_modules=[blocks\.1\.attn\.qkv]", "method.stat_images=null"]
+    stats = make_learner("duallora", overrides + ["method.class_scores=stats"])
+    plain = make_learner("duallora", overrides)
+    learn(stats)
+    learn(plain)
+    # gathering the class statistics changes no training step: the same adapters and heads
+    assert torch.equal(stats.model.heads[1].weight, plain.model.heads[1].weight)
+    sig = stats.method.signatures["classes"]
+    D, depth = stats.model.embed_dim, len(stats.model.backbone.blocks)
+    assert sig.dim == D * (depth + 1) and sig.num_tasks == 2 and sig.means.shape == (4, sig.dim)
+    # task 2's class means: ncm-all's features (every block's mean norm1 tokens + final) of the final model
+    data = make_data(TASKS[1], 20, seed=1)
+    with torch.no_grad():
+        seen: list = []
+        blocks = stats.model.backbone.blocks
+        hooks = [b.norm1.register_forward_hook(lambda m, i, o: seen.append(o.mean(1))) for b in blocks]
+        feats = stats.method._dynamic_features(data.tensors[0])
+        for h in hooks:
+            h.remove()
+    z = torch.cat(seen + [feats], 1).double()
+    y = data.tensors[1]
+    for c in range(2):
+        assert torch.allclose(sig.means[2 + c], z[y == TASKS[1][c]].mean(0), atol=1e-4)
+    # prediction: within each task, softmax(-d_c / tau_id) of those statistics; the gate's task posterior
+    x = make_data([7, 3, 0, 9], 3, seed=12).tensors[0]
+    with torch.no_grad():
+        out, base = stats.method.infer(x), plain.method.infer(x)
+        seen.clear()
+        hooks = [b.norm1.register_forward_hook(lambda m, i, o: seen.append(o.mean(1))) for b in blocks]
+        f = stats.method._dynamic_features(x)
+        for h in hooks:
+            h.remove()
+    assert torch.equal(out.task_posterior, base.task_posterior)
+    scores = -sig.class_distances(torch.cat(seen + [f], 1)) / stats.cfg.method.tau_id
+    for lo, hi in ((0, 2), (2, 4)):
+        got = out.probs[:, lo:hi] / out.probs[:, lo:hi].sum(1, keepdim=True)
+        live = out.probs[:, lo:hi].sum(1) > 1e-12
+        assert live.any()
+        assert torch.allclose(got[live], torch.softmax(scores[:, lo:hi], 1)[live], atol=1e-4)
+    # a checkpoint round-trip keeps them; the heads-only model lacks them, so no run derives one from the other
+    again = make_learner("duallora", overrides + ["method.class_scores=stats"])
+    again.method.load_state_tensors(stats.method.state_tensors())
+    again.task_classes = stats.task_classes
+    with torch.no_grad():
+        assert torch.allclose(again.method.infer(x).probs, out.probs, atol=1e-6)
+    from duallora.derivation import inference_only_change
+
+    assert not inference_only_change(plain.cfg, stats.cfg)
+    assert inference_only_change(stats.cfg, load_config(None, BASE + ["method.name=duallora"] + overrides
+                                                        + ["method.class_scores=heads+stats"]))

@@ -56,6 +56,10 @@ def inference_only_change(a: RunConfig, b: RunConfig) -> bool:
     for cfg in (a, b):
         if cfg.method.name != "duallora" or cfg.method.gate != "shared" or cfg.method.task_id_features == "final":
             return False
+    from duallora.methods.duallora import ADAPTED_CLASS_SCORES
+
+    if (a.method.class_scores in ADAPTED_CLASS_SCORES) != (b.method.class_scores in ADAPTED_CLASS_SCORES):
+        return False  # the adapted model's class statistics are gathered in training, or not at all
     return not config_differences(a, b, RESUME_IGNORED_KEYS | INFERENCE_ONLY_KEYS)
 
 

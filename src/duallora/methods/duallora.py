@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 def _gate_for_class_scores(key: str, value: Any, cfg: Any) -> Optional[str]:
     """``class_scores=heads+gate`` reads the shared gate's class statistics: only with ``gate=shared``."""
-    if value != "heads" and cfg.gate != "shared":
+    if value == "heads+gate" and cfg.gate != "shared":
         return f"method.class_scores={value} needs method.gate=shared; use class_scores=heads"
     return None
 
@@ -59,6 +59,11 @@ def _head_over_gate_needs(key: str, value: Any, cfg: Any) -> Optional[str]:
         return ("method.head_over_gate=true needs method.gate=shared, method.protect_gate=true and "
                 "method.class_scores=heads+gate (the gate's class scores, fixed before training, used at inference)")
     return None
+
+
+#: ``class_scores`` values that read the class statistics of the adapted model (site ``classes``), gathered
+#: in ``end_task``: a run without them cannot be derived into one with them.
+ADAPTED_CLASS_SCORES = ("stats", "heads+stats")
 
 
 def _gate_for_features(key: str, value: Any, cfg: Any) -> Optional[str]:
@@ -96,6 +101,11 @@ class DualLoRA(ContinualMethod):
       of per-layer gates (docs/method.md, "Measured decisions").
     * ``soft`` / ``hard``: every adapted layer computes its own posterior (or its argmax) from its
       own statistics, residual adapters in every block (method.md's literal reading).
+
+    Within-task class scores (``class_scores``): the heads' logits (default); plus the gate's class scores
+    ``-d_c / tau_id`` (``heads+gate``); or Mahalanobis class scores of the *adapted* model's features (every
+    block's mean ``norm1`` tokens and the final feature, ``ncm-all``'s feature set, gathered under the
+    inference gating at the end of each task), alone (``stats``) or added to the logits (``heads+stats``).
 
     The output is calibrated with a task posterior (``task_id_features``: ``gate`` = the shared
     gate's posterior, ``final`` = final-feature statistics gathered under the inference gating):
@@ -136,8 +146,10 @@ class DualLoRA(ContinualMethod):
                               choices=("none", "product", "hard")),
         "confidence_threshold": Option(0.9, "gamma for calibration=hard", check=probability),
         "class_scores": Option("heads", "within-task class scores: heads | heads+gate (head logits plus -d_c / tau_id "
-                                        "of the shared gate's class statistics)", choices=("heads", "heads+gate"),
-                               check=_gate_for_class_scores),
+                                        "of the shared gate's class statistics) | stats (-d_c / tau_id of class "
+                                        "statistics of the adapted model: every block's mean norm1 tokens and the "
+                                        "final feature, gathered at the end of each task) | heads+stats",
+                               choices=("heads", "heads+gate") + ADAPTED_CLASS_SCORES, check=_gate_for_class_scores),
         "head_over_gate": Option(False, "train each task's head (and adapters) on head logits plus the gate's class "
                                         "scores, so they learn a correction of the training-free scores; needs "
                                         "protect_gate and class_scores=heads+gate", check=_head_over_gate_needs),
@@ -177,6 +189,12 @@ class DualLoRA(ContinualMethod):
             self.task_id_features = "gate" if cfg.gate == "shared" else "final"
         if self.task_id_features == "final":
             self.signatures["final"] = TaskSignatures(model.embed_dim, **kw)
+        # class_scores=stats / heads+stats: every block's mean norm1 tokens and the final feature under the
+        # inference gating (ncm-all's features, read from the adapted model), gathered at the end of each task
+        self.class_blocks = list(range(len(model.backbone.blocks))) if cfg.class_scores in ADAPTED_CLASS_SCORES else []
+        if self.class_blocks:
+            self.signatures["classes"] = TaskSignatures(model.embed_dim * (len(self.class_blocks) + 1),
+                                                        score="mahalanobis", tau=cfg.tau_id, ridge=cfg.ridge)
         self.last_info: dict = {}
         self._shared: Optional[torch.Tensor] = None
         self._gate_z: Optional[torch.Tensor] = None
@@ -197,6 +215,7 @@ class DualLoRA(ContinualMethod):
         acc = {s: TaskSignatures.new_accumulator(ctx.num_classes, self.signatures[s].dim) for s in sites}
         current: dict[str, torch.Tensor] = {}
         want_gate = "gate" in acc
+        want_classes = "classes" in acc
 
         def make_recorder(name: str):
             def record(h: torch.Tensor) -> None:
@@ -210,16 +229,20 @@ class DualLoRA(ContinualMethod):
             if name in G or name in acc:
                 layer.recorder = make_recorder(name)
         try:
-            with capture_gate_tokens(self.model, self.gate_blocks if want_gate else []) as gate_parts:
+            with capture_gate_tokens(self.model, self.gate_blocks if want_gate else []) as gate_parts, \
+                    capture_gate_tokens(self.model, self.class_blocks if want_classes else []) as class_parts:
                 for x, y in ctx.progress(ctx.stats_loader, desc):
                     current["y"] = y
                     x = x.to(ctx.device, non_blocking=True)
                     gate_parts.clear()
+                    class_parts.clear()
                     feats = self._dynamic_features(x) if dynamic else self.model.features(x)
                     if "final" in acc:
                         TaskSignatures.accumulate(acc["final"], feats, y)
                     if want_gate:
                         TaskSignatures.accumulate(acc["gate"], torch.cat(gate_parts, dim=1), y)
+                    if want_classes:
+                        TaskSignatures.accumulate(acc["classes"], torch.cat(class_parts + [feats], dim=1), y)
         finally:
             for layer in layers.values():
                 layer.recorder = None
@@ -283,7 +306,8 @@ class DualLoRA(ContinualMethod):
             layer.freeze_residuals()
         super().end_task(ctx)
         self.model.set_fixed_gates(t)
-        layer_sites = [s for s in self.signatures if s != "final" and not (s == "gate" and self.cfg.head_over_gate)]
+        layer_sites = [s for s in self.signatures
+                       if s not in ("final", "classes") and not (s == "gate" and self.cfg.head_over_gate)]
         grams, acc = self._statistics_pass(ctx, grams=True, sites=layer_sites, desc=f"task {t + 1} memory")
         eps = energy_threshold(t, ctx.num_tasks, self.cfg.energy_threshold_start, self.cfg.energy_threshold_end)
         info = {"energy_threshold": eps, "memory_added": {}, "memory_size": {}}
@@ -293,12 +317,14 @@ class DualLoRA(ContinualMethod):
         for site, a in acc.items():
             self.signatures[site].add_task(a)
         self.model.set_fixed_gates(None)
-        if "final" in self.signatures:
-            # final-feature statistics under the gating used at inference (task t's own gate
+        late = [s for s in ("final", "classes") if s in self.signatures]
+        if late:
+            # final-feature (and class) statistics under the gating used at inference (task t's own gate
             # statistics are in place now), so that they describe what inference will see
-            _, acc = self._statistics_pass(ctx, grams=False, sites=["final"], desc=f"task {t + 1} signatures",
+            _, acc = self._statistics_pass(ctx, grams=False, sites=late, desc=f"task {t + 1} signatures",
                                            dynamic=True)
-            self.signatures["final"].add_task(acc["final"])
+            for site in late:
+                self.signatures[site].add_task(acc[site])
         self.last_info = info
         return info
 
@@ -381,7 +407,8 @@ class DualLoRA(ContinualMethod):
         """One forward pass (method.md, "Inference: one forward pass"): residual adapters gated per
         image, the task posterior (B, T) from the shared gate or the final features, and the output
         calibrated with it (:func:`~duallora.methods.calibration.calibrate`)."""
-        feats = self._dynamic_features(x)
+        with capture_gate_tokens(self.model, self.class_blocks) as class_parts:
+            feats = self._dynamic_features(x)
         if self.task_id_features == "gate":
             posterior = self._shared
             assert posterior is not None
@@ -392,6 +419,11 @@ class DualLoRA(ContinualMethod):
             # product of experts within each task: softmax(logits) * softmax(-d_c / tau_id), renormalised
             assert self._gate_z is not None
             logits = logits - self.signatures["gate"].class_distances(self._gate_z).to(logits.dtype) / self.cfg.tau_id
+        elif self.class_blocks:
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                d = self.signatures["classes"].class_distances(torch.cat(class_parts + [feats], dim=1).float())
+            scores = -(d / self.cfg.tau_id).to(logits.dtype)
+            logits = scores if self.cfg.class_scores == "stats" else logits + scores
         self._shared = self._gate_z = None
         sizes = self.model.head_sizes
         return Inference(calibrate(logits, posterior, sizes, self.cfg.calibration, self.cfg.confidence_threshold),
