@@ -774,3 +774,44 @@ def test_duallora_stats_class_scores_are_ncm_all_statistics_of_the_adapted_model
     assert not inference_only_change(plain.cfg, stats.cfg)
     assert inference_only_change(stats.cfg, load_config(None, BASE + ["method.name=duallora"] + overrides
                                                         + ["method.class_scores=heads+stats"]))
+
+
+def test_duallora_drift_compensation_moves_old_class_means_by_the_new_tasks_drift():
+    from duallora.signatures import TaskSignatures, semantic_drift
+
+    overrides = ["method.gate_layer=1", r"method.adapted_modules=[blocks\.1\.attn\.qkv]", "method.stat_images=null",
+                 "method.class_scores=stats"]
+    comp = make_learner("duallora", overrides + ["method.drift_compensation=true"])
+    plain = make_learner("duallora", overrides)
+    task1 = make_data(TASKS[0], 20, seed=0)
+    comp.learn_task(task1, TASKS[0])
+    plain.learn_task(task1, TASKS[0])
+    sig = comp.method.signatures["classes"]
+    old = sig.means.clone()
+    assert torch.equal(old, plain.method.signatures["classes"].means)  # nothing to compensate after task 1
+
+    def class_features(learner, x):
+        seen: list = []
+        hooks = [b.norm1.register_forward_hook(lambda m, i, o: seen.append(o.mean(1)))
+                 for b in learner.model.backbone.blocks]
+        with torch.no_grad():
+            f = learner.method._dynamic_features(x)
+        for h in hooks:
+            h.remove()
+        return torch.cat(seen + [f], 1).double()
+
+    task2 = make_data(TASKS[1], 20, seed=1)
+    before = class_features(comp, task2.tensors[0])
+    ref = TaskSignatures(sig.dim, score="mahalanobis", tau=sig.tau, ridge=sig.ridge)
+    ref.load("s.", sig.state("s."))
+    comp.learn_task(task2, TASKS[1])
+    plain.learn_task(task2, TASKS[1])
+    after = class_features(comp, task2.tensors[0])
+    # training is unchanged; task 1's means moved by the drift of task 2's images, task 2's are fresh
+    assert torch.equal(comp.model.heads[1].weight, plain.model.heads[1].weight)
+    want = old + semantic_drift(before, after, ref)
+    assert torch.allclose(sig.means[:2], want, atol=1e-4)
+    assert not torch.allclose(sig.means[:2], old, atol=1e-4)
+    assert torch.allclose(sig.means[2:], plain.method.signatures["classes"].means[2:], atol=1e-6)
+    with pytest.raises(ConfigError, match="drift_compensation"):
+        load_config(None, ["method.drift_compensation=true"])

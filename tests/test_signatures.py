@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from duallora.signatures import TaskSignatures
+from duallora.signatures import TaskSignatures, semantic_drift
 
 F64 = torch.float64
 
@@ -173,3 +173,30 @@ def test_errors():
     TaskSignatures.accumulate(acc, torch.ones(2, 3), torch.tensor([0, 0]))
     with pytest.raises(ValueError):  # class 1 has no image
         sig.add_task(acc)
+
+
+def test_semantic_drift_hand_example():
+    # the hand example's two classes (pooled covariance I): means (0, 0) and (10, 0)
+    s = math.sqrt(1.5)
+    sig = TaskSignatures(2, ridge=1e-12)
+    add_task(sig, cross_samples([0.0, 0.0], s), torch.zeros(4, dtype=torch.long), 1)
+    add_task(sig, cross_samples([10.0, 0.0], s), torch.zeros(4, dtype=torch.long), 1)
+    # every new image moves by the same vector: every class moves by it
+    before = torch.tensor([[1.0, 1.0], [9.0, -1.0], [5.0, 3.0]], dtype=F64)
+    shift = torch.tensor([0.5, -2.0], dtype=F64)
+    assert torch.allclose(semantic_drift(before, before + shift, sig), shift.expand(2, 2), atol=1e-12)
+    # two images, one at each mean, drifting differently; per-dim distances 0 and 50: the weight of the
+    # far image is exp(-50 / 0.1), so each class takes its own image's drift
+    before = torch.tensor([[0.0, 0.0], [10.0, 0.0]], dtype=F64)
+    drift = torch.tensor([[1.0, 0.0], [0.0, 3.0]], dtype=F64)
+    assert torch.allclose(semantic_drift(before, before + drift, sig), drift, atol=1e-12)
+    # a wide bandwidth averages: images at distances 0 and 50 (class 0) with weights 1 and exp(-50 / 50)
+    w = math.exp(-1.0)
+    want0 = (drift[0] + w * drift[1]) / (1 + w)
+    assert torch.allclose(semantic_drift(before, before + drift, sig, bandwidth=50.0)[0], want0, atol=1e-12)
+    sig.shift_means(drift)
+    assert torch.allclose(sig.means, torch.tensor([[1.0, 0.0], [10.0, 3.0]], dtype=F64))
+    with pytest.raises(ValueError, match="shape"):
+        sig.shift_means(drift[:1])
+    with pytest.raises(ValueError, match="must match"):
+        semantic_drift(before, before[:1], sig)

@@ -97,6 +97,13 @@ class TaskSignatures:
         self.task_bases.append(vecs.flip(1)[:, : self.q].contiguous())
         self._cache = None
 
+    def shift_means(self, delta: torch.Tensor) -> None:
+        """Add ``delta`` (C, D) to the stored class means (drift compensation); the scatter is kept."""
+        if delta.shape != self.means.shape:
+            raise ValueError(f"delta must have the means' shape {tuple(self.means.shape)}, got {tuple(delta.shape)}")
+        self.means = self.means + delta.to(torch.float64)
+        self._cache = None
+
     # ------------------------------------------------------------------ scoring
     def _prepare(self, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         if self._cache is not None and self._cache["means"].device == device and self._cache["means"].dtype == dtype:
@@ -203,3 +210,36 @@ class TaskSignatures:
             self.task_bases.append(tensors[f"{prefix}task_basis.{j}"].to(torch.float64).clone())
             j += 1
         self._cache = None
+
+
+#: Bandwidth of :func:`semantic_drift`'s weights, in per-dimension squared Mahalanobis distance.
+DRIFT_BANDWIDTH = 0.1
+
+
+@torch.no_grad()
+def semantic_drift(before: torch.Tensor, after: torch.Tensor, signatures: TaskSignatures,
+                   bandwidth: float = DRIFT_BANDWIDTH) -> torch.Tensor:
+    """Estimated drift (C, D) of every stored class mean, from the drift of the new task's features.
+
+    Semantic drift compensation (Yu et al., CVPR 2020, eq. 6-7), in the whitened space of the stored pooled
+    covariance: each image i of the new task moved by ``after_i - before_i`` while the task was learned; class
+    c's mean moves by their average weighted by ``w_ic = exp(-(d_ic - min_i d_ic) / bandwidth)``, ``d_ic`` the
+    per-dimension squared Mahalanobis distance of ``before_i`` to the mean (so the images nearest to the class
+    dominate). No image of an old class is needed.
+
+    Args:
+        before, after: (N, D) the same images' features before and after the task, in the same order.
+        signatures: the stored statistics (C classes of D features).
+
+    Returns:
+        (C, D) float64, to add to ``signatures.means`` (:meth:`TaskSignatures.shift_means`).
+
+    Raises:
+        ValueError: ``before`` and ``after`` differ in shape.
+    """
+    if before.shape != after.shape:
+        raise ValueError(f"before {tuple(before.shape)} and after {tuple(after.shape)} must match")
+    delta = (after - before).double()
+    d = signatures.class_distances(before.double())  # (N, C)
+    w = torch.exp(-(d - d.min(dim=0, keepdim=True).values) / bandwidth)  # (N, C), max 1 per class
+    return (w.T @ delta) / w.sum(dim=0)[:, None]

@@ -32,7 +32,7 @@ from duallora.methods.options import (
 from duallora.methods.posterior import capture_gate_tokens, gate_blocks
 from duallora.methods.registry import register_method
 from duallora.model import AdaptedViT
-from duallora.signatures import TaskSignatures
+from duallora.signatures import TaskSignatures, semantic_drift
 
 if TYPE_CHECKING:
     from duallora.config import MethodConfig
@@ -64,6 +64,13 @@ def _head_over_gate_needs(key: str, value: Any, cfg: Any) -> Optional[str]:
 #: ``class_scores`` values that read the class statistics of the adapted model (site ``classes``), gathered
 #: in ``end_task``: a run without them cannot be derived into one with them.
 ADAPTED_CLASS_SCORES = ("stats", "heads+stats")
+
+
+def _drift_needs_stats(key: str, value: Any, cfg: Any) -> Optional[str]:
+    """``drift_compensation`` moves the adapted model's class statistics: only with them."""
+    if value and cfg.class_scores not in ADAPTED_CLASS_SCORES:
+        return "method.drift_compensation=true needs method.class_scores=stats or heads+stats"
+    return None
 
 
 def _gate_for_features(key: str, value: Any, cfg: Any) -> Optional[str]:
@@ -150,6 +157,11 @@ class DualLoRA(ContinualMethod):
                                         "statistics of the adapted model: every block's mean norm1 tokens and the "
                                         "final feature, gathered at the end of each task) | heads+stats",
                                choices=("heads", "heads+gate") + ADAPTED_CLASS_SCORES, check=_gate_for_class_scores),
+        "drift_compensation": Option(False, "class_scores=stats|heads+stats: move old classes' stored means by "
+                                            "the drift of the new task's features across its training (semantic "
+                                            "drift compensation, Yu et al. CVPR 2020); one more statistics pass "
+                                            "per task",
+                                     check=_drift_needs_stats),
         "head_over_gate": Option(False, "train each task's head (and adapters) on head logits plus the gate's class "
                                         "scores, so they learn a correction of the training-free scores; needs "
                                         "protect_gate and class_scores=heads+gate", check=_head_over_gate_needs),
@@ -199,15 +211,17 @@ class DualLoRA(ContinualMethod):
         self._shared: Optional[torch.Tensor] = None
         self._gate_z: Optional[torch.Tensor] = None
         self._gate_fns: Optional[tuple[tuple, dict]] = None
+        self._before: Optional[torch.Tensor] = None  # drift_compensation: (N, D_c) features before the task
 
     # statistics ----------------------------------------------------------------------
     @torch.no_grad()
     def _statistics_pass(self, ctx: TaskContext, grams: bool, sites: list[str], desc: str,
-                         dynamic: bool = False):
+                         dynamic: bool = False, keep: Optional[list] = None):
         """One pass over the task's data: Gram matrices per adapted layer and/or class statistics.
 
-        ``sites`` names the signature sites to accumulate (adapted layer names and/or ``final``);
-        ``dynamic`` runs with the inference gating instead of the fixed gates.
+        ``sites`` names the signature sites to accumulate (adapted layer names, ``final``, ``classes``);
+        ``dynamic`` runs with the inference gating instead of the fixed gates; ``keep`` (with ``classes``)
+        receives each batch's class features (B, D_c), in the loader's (fixed) order.
         """
         layers = dict(self.model.adapted_layers())
         G = ({n: GramAccumulator(lay.in_features, self.cfg.stat_tokens) for n, lay in layers.items()
@@ -242,7 +256,10 @@ class DualLoRA(ContinualMethod):
                     if want_gate:
                         TaskSignatures.accumulate(acc["gate"], torch.cat(gate_parts, dim=1), y)
                     if want_classes:
-                        TaskSignatures.accumulate(acc["classes"], torch.cat(class_parts + [feats], dim=1), y)
+                        z = torch.cat(class_parts + [feats], dim=1)
+                        TaskSignatures.accumulate(acc["classes"], z, y)
+                        if keep is not None:
+                            keep.append(z.detach().double().cpu())
         finally:
             for layer in layers.values():
                 layer.recorder = None
@@ -261,6 +278,13 @@ class DualLoRA(ContinualMethod):
         t = ctx.task
         cfg = self.cfg
         info: dict = {"orthogonal_rank": {}, "residual_rank": {}}
+        self._before = None
+        if cfg.drift_compensation and t > 0:
+            # the task's class features through the model as it stands (inference gating), before any change
+            kept: list[torch.Tensor] = []
+            self._statistics_pass(ctx, grams=False, sites=["classes"], desc=f"task {t + 1} features before",
+                                  dynamic=True, keep=kept)
+            self._before = torch.cat(kept)
         self.model.set_fixed_gates(t)
         need_residual = cfg.use_residual and t > 0
         early = ["gate"] if cfg.head_over_gate else []  # protected gate: its statistics do not change in training
@@ -321,8 +345,14 @@ class DualLoRA(ContinualMethod):
         if late:
             # final-feature (and class) statistics under the gating used at inference (task t's own gate
             # statistics are in place now), so that they describe what inference will see
+            kept: list[torch.Tensor] = []
             _, acc = self._statistics_pass(ctx, grams=False, sites=late, desc=f"task {t + 1} signatures",
-                                           dynamic=True)
+                                           dynamic=True, keep=kept)
+            if self._before is not None:
+                # old classes' means follow the drift of this task's features (before the task's own means join)
+                sig = self.signatures["classes"]
+                sig.shift_means(semantic_drift(self._before, torch.cat(kept), sig))
+                self._before = None
             for site in late:
                 self.signatures[site].add_task(acc[site])
         self.last_info = info
