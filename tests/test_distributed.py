@@ -68,3 +68,36 @@ def test_torchrun_two_processes_match_one(tmp_path):
     assert abs(m2["final_accuracy"] - m1["final_accuracy"]) <= 1.0
     # only rank 0 wrote: one run folder, no leftovers
     assert not Path(str(two) + ".partial").exists()
+
+
+def _drift_on_shard(rank: int, world: int, store: str, data: dict, out: str) -> None:
+    import torch.distributed as dist
+
+    from duallora.signatures import TaskSignatures, semantic_drift
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        sig = TaskSignatures(3, ridge=1e-6)
+        sig.load("s.", data["state"])
+        before, after = data["before"][rank::world], data["after"][rank::world]  # this process's shard
+        torch.save(semantic_drift(before, after, sig, bandwidth=0.5), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_semantic_drift_under_two_processes_equals_one(tmp_path):
+    from duallora.signatures import TaskSignatures, semantic_drift
+
+    g = torch.Generator().manual_seed(0)
+    sig = TaskSignatures(3, ridge=1e-6)
+    acc = TaskSignatures.new_accumulator(2, 3)
+    TaskSignatures.accumulate(acc, torch.randn(40, 3, generator=g, dtype=torch.float64), torch.arange(40) % 2)
+    sig.add_task(acc)
+    before = torch.randn(11, 3, generator=g, dtype=torch.float64)
+    after = before + torch.randn(11, 3, generator=g, dtype=torch.float64)
+    want = semantic_drift(before, after, sig, bandwidth=0.5)
+    data = {"state": sig.state("s."), "before": before, "after": after}
+    torch.multiprocessing.spawn(_drift_on_shard, args=(2, str(tmp_path / "store"), data, str(tmp_path / "drift")),
+                                nprocs=2)
+    for rank in range(2):
+        assert torch.allclose(torch.load(tmp_path / f"drift.{rank}"), want, atol=1e-12)

@@ -55,18 +55,27 @@ def local_device(device: torch.device) -> torch.device:
     return device
 
 
-def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum ``tensor`` over all processes, in place (any device/dtype the backend accepts)."""
+def _all_reduce_(tensor: torch.Tensor, op: "dist.ReduceOp.RedOpType") -> torch.Tensor:
     if not is_initialized():
         return tensor
     backend = dist.get_backend()
     if backend == "nccl" and tensor.device.type != "cuda":
         tmp = tensor.to(torch.device("cuda", torch.cuda.current_device()))
-        dist.all_reduce(tmp)
+        dist.all_reduce(tmp, op=op)
         tensor.copy_(tmp.cpu())
     else:
-        dist.all_reduce(tensor)
+        dist.all_reduce(tensor, op=op)
     return tensor
+
+
+def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over all processes, in place (any device/dtype the backend accepts)."""
+    return _all_reduce_(tensor, dist.ReduceOp.SUM)
+
+
+def all_reduce_min_(tensor: torch.Tensor) -> torch.Tensor:
+    """Element-wise minimum of ``tensor`` over all processes, in place."""
+    return _all_reduce_(tensor, dist.ReduceOp.MIN)
 
 
 def barrier() -> None:

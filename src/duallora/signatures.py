@@ -22,6 +22,8 @@ from typing import Optional
 import torch
 from torch.nn import functional as F
 
+from duallora import distributed
+
 SCORES = ("mahalanobis", "cosine", "subspace")
 
 
@@ -225,7 +227,8 @@ def semantic_drift(before: torch.Tensor, after: torch.Tensor, signatures: TaskSi
     covariance: each image i of the new task moved by ``after_i - before_i`` while the task was learned; class
     c's mean moves by their average weighted by ``w_ic = exp(-(d_ic - min_i d_ic) / bandwidth)``, ``d_ic`` the
     per-dimension squared Mahalanobis distance of ``before_i`` to the mean (so the images nearest to the class
-    dominate). No image of an old class is needed.
+    dominate). No image of an old class is needed. Under torchrun each process passes its shard of the images;
+    the minimum and both weighted sums are reduced over processes, so every process gets the same drift.
 
     Args:
         before, after: (N, D) the same images' features before and after the task, in the same order.
@@ -241,5 +244,7 @@ def semantic_drift(before: torch.Tensor, after: torch.Tensor, signatures: TaskSi
         raise ValueError(f"before {tuple(before.shape)} and after {tuple(after.shape)} must match")
     delta = (after - before).double()
     d = signatures.class_distances(before.double())  # (N, C)
-    w = torch.exp(-(d - d.min(dim=0, keepdim=True).values) / bandwidth)  # (N, C), max 1 per class
-    return (w.T @ delta) / w.sum(dim=0)[:, None]
+    nearest = distributed.all_reduce_min_(d.min(dim=0, keepdim=True).values)  # (1, C)
+    w = torch.exp(-(d - nearest) / bandwidth)  # (N, C), at most 1
+    moved, weight = distributed.all_reduce_sum_(w.T @ delta), distributed.all_reduce_sum_(w.sum(dim=0))
+    return moved / weight[:, None]
