@@ -723,6 +723,21 @@ def test_duallora_head_over_gate_trains_heads_on_top_of_the_gate_class_scores():
         load_config(None, ["method.head_over_gate=true", "method.class_scores=heads+gate"])
 
 
+def adapted_class_features(learner: ContinualLearner, x: torch.Tensor) -> torch.Tensor:
+    """ncm-all's features (every block's mean norm1 tokens, then the final feature) of DualLoRA's adapted model
+    under its inference gating: (B, (depth + 1) D) float64."""
+    seen: list = []
+    hooks = [b.norm1.register_forward_hook(lambda m, i, o: seen.append(o.mean(1)))
+             for b in learner.model.backbone.blocks]
+    try:
+        with torch.no_grad():
+            f = learner.method._dynamic_features(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return torch.cat(seen + [f], 1).double()
+
+
 def test_duallora_stats_class_scores_are_ncm_all_statistics_of_the_adapted_model():
     overrides = ["method.gate_layer=1", r"method.adapted_modules=[blocks\.1\.attn\.qkv]", "method.stat_images=null"]
     stats = make_learner("duallora", overrides + ["method.class_scores=stats"])
@@ -736,14 +751,7 @@ def test_duallora_stats_class_scores_are_ncm_all_statistics_of_the_adapted_model
     assert sig.dim == D * (depth + 1) and sig.num_tasks == 2 and sig.means.shape == (4, sig.dim)
     # task 2's class means: ncm-all's features (every block's mean norm1 tokens + final) of the final model
     data = make_data(TASKS[1], 20, seed=1)
-    with torch.no_grad():
-        seen: list = []
-        blocks = stats.model.backbone.blocks
-        hooks = [b.norm1.register_forward_hook(lambda m, i, o: seen.append(o.mean(1))) for b in blocks]
-        feats = stats.method._dynamic_features(data.tensors[0])
-        for h in hooks:
-            h.remove()
-    z = torch.cat(seen + [feats], 1).double()
+    z = adapted_class_features(stats, data.tensors[0])
     y = data.tensors[1]
     for c in range(2):
         assert torch.allclose(sig.means[2 + c], z[y == TASKS[1][c]].mean(0), atol=1e-4)
@@ -751,13 +759,8 @@ def test_duallora_stats_class_scores_are_ncm_all_statistics_of_the_adapted_model
     x = make_data([7, 3, 0, 9], 3, seed=12).tensors[0]
     with torch.no_grad():
         out, base = stats.method.infer(x), plain.method.infer(x)
-        seen.clear()
-        hooks = [b.norm1.register_forward_hook(lambda m, i, o: seen.append(o.mean(1))) for b in blocks]
-        f = stats.method._dynamic_features(x)
-        for h in hooks:
-            h.remove()
     assert torch.equal(out.task_posterior, base.task_posterior)
-    scores = -sig.class_distances(torch.cat(seen + [f], 1)) / stats.cfg.method.tau_id
+    scores = -sig.class_distances(adapted_class_features(stats, x).float()) / stats.cfg.method.tau_id
     for lo, hi in ((0, 2), (2, 4)):
         got = out.probs[:, lo:hi] / out.probs[:, lo:hi].sum(1, keepdim=True)
         live = out.probs[:, lo:hi].sum(1) > 1e-12
@@ -790,23 +793,13 @@ def test_duallora_drift_compensation_moves_old_class_means_by_the_new_tasks_drif
     old = sig.means.clone()
     assert torch.equal(old, plain.method.signatures["classes"].means)  # nothing to compensate after task 1
 
-    def class_features(learner, x):
-        seen: list = []
-        hooks = [b.norm1.register_forward_hook(lambda m, i, o: seen.append(o.mean(1)))
-                 for b in learner.model.backbone.blocks]
-        with torch.no_grad():
-            f = learner.method._dynamic_features(x)
-        for h in hooks:
-            h.remove()
-        return torch.cat(seen + [f], 1).double()
-
     task2 = make_data(TASKS[1], 20, seed=1)
-    before = class_features(comp, task2.tensors[0])
+    before = adapted_class_features(comp, task2.tensors[0])
     ref = TaskSignatures(sig.dim, score="mahalanobis", tau=sig.tau, ridge=sig.ridge)
     ref.load("s.", sig.state("s."))
     comp.learn_task(task2, TASKS[1])
     plain.learn_task(task2, TASKS[1])
-    after = class_features(comp, task2.tensors[0])
+    after = adapted_class_features(comp, task2.tensors[0])
     # training is unchanged; task 1's means moved by the drift of task 2's images, task 2's are fresh
     assert torch.equal(comp.model.heads[1].weight, plain.model.heads[1].weight)
     want = old + semantic_drift(before, after, ref)

@@ -345,9 +345,9 @@ class DualLoRA(ContinualMethod):
         if late:
             # final-feature (and class) statistics under the gating used at inference (task t's own gate
             # statistics are in place now), so that they describe what inference will see
-            kept: list[torch.Tensor] = []
+            kept: list[torch.Tensor] = []  # the task's class features, kept only for drift compensation
             _, acc = self._statistics_pass(ctx, grams=False, sites=late, desc=f"task {t + 1} signatures",
-                                           dynamic=True, keep=kept)
+                                           dynamic=True, keep=kept if self._before is not None else None)
             if self._before is not None:
                 # old classes' means follow the drift of this task's features (before the task's own means join)
                 sig = self.signatures["classes"]
