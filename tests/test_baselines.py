@@ -772,8 +772,24 @@ def test_duallora_stats_class_scores_are_ncm_all_statistics_of_the_adapted_model
     again.task_classes = stats.task_classes
     with torch.no_grad():
         assert torch.allclose(again.method.infer(x).probs, out.probs, atol=1e-6)
+    # class_tau: the same statistics and task posterior, another within-task softmax; inference only
+    other = make_learner("duallora", overrides + ["method.class_scores=stats", "method.class_tau=1000.0"])
+    other.method.load_state_tensors(stats.method.state_tensors())
+    other.task_classes = stats.task_classes
+    with torch.no_grad():
+        out_other = other.method.infer(x)
+    assert torch.equal(out_other.task_posterior, out.task_posterior)
+    other_scores = scores * (0.02 / 1000.0)
+    assert not torch.allclose(out_other.probs, out.probs, atol=1e-3)
+    for lo, hi in ((0, 2), (2, 4)):
+        got = out_other.probs[:, lo:hi] / out_other.probs[:, lo:hi].sum(1, keepdim=True)
+        live = out_other.probs[:, lo:hi].sum(1) > 1e-12
+        assert torch.allclose(got[live], torch.softmax(other_scores[:, lo:hi], 1)[live], atol=1e-4)
+    with pytest.raises(ConfigError, match="class_tau"):
+        load_config(None, ["method.class_tau=0"])
     from duallora.derivation import inference_only_change
 
+    assert inference_only_change(stats.cfg, other.cfg)
     assert not inference_only_change(plain.cfg, stats.cfg)
     assert inference_only_change(stats.cfg, load_config(None, BASE + ["method.name=duallora"] + overrides
                                                         + ["method.class_scores=heads+stats"]))

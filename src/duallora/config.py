@@ -452,7 +452,8 @@ def _friendly(exc: OmegaConfBaseException, source: str) -> ConfigError:
 #: (no clipping; plain concatenated heads): a stored run without them is the run with their default.
 COMPATIBLE_ADDITIONS = frozenset({"train.grad_clip", "method.task_posterior", "method.classifier_alignment",
                                   "method.ncm_final", "method.class_scores",
-                                  "method.protect_gate", "method.head_over_gate", "method.drift_compensation"})
+                                  "method.protect_gate", "method.head_over_gate", "method.drift_compensation",
+                                  "method.class_tau"})
 
 
 def missing_keys(path: str | Path) -> list[str]:

@@ -30,7 +30,8 @@ from duallora.training import ContinualLearner
 #: shared gate's (``gate=shared``, ``task_id_features`` auto/gate): no training step, statistics pass or
 #: stored tensor depends on them (the signatures keep means, scatter and subspace bases for every score).
 INFERENCE_ONLY_KEYS = {("method", "calibration"), ("method", "confidence_threshold"),
-                       ("method", "task_id_score"), ("method", "tau_id"), ("method", "class_scores")}
+                       ("method", "task_id_score"), ("method", "tau_id"), ("method", "class_scores"),
+                       ("method", "class_tau")}
 
 
 def statistics_keys(cfg: RunConfig) -> set[tuple[str, str]]:

@@ -66,6 +66,11 @@ def _head_over_gate_needs(key: str, value: Any, cfg: Any) -> Optional[str]:
 ADAPTED_CLASS_SCORES = ("stats", "heads+stats")
 
 
+def _positive_or_null(key: str, value: Any, cfg: Any) -> Optional[str]:
+    """``value > 0`` or None."""
+    return f"method.{key}={value} must be > 0 or null" if value is not None and value <= 0 else None
+
+
 def _drift_needs_stats(key: str, value: Any, cfg: Any) -> Optional[str]:
     """``drift_compensation`` moves the adapted model's class statistics: only with them."""
     if value and cfg.class_scores not in ADAPTED_CLASS_SCORES:
@@ -112,7 +117,11 @@ class DualLoRA(ContinualMethod):
     Within-task class scores (``class_scores``): the heads' logits (default); plus the gate's class scores
     ``-d_c / tau_id`` (``heads+gate``); or Mahalanobis class scores of the *adapted* model's features (every
     block's mean ``norm1`` tokens and the final feature, ``ncm-all``'s feature set, gathered under the
-    inference gating at the end of each task), alone (``stats``) or added to the logits (``heads+stats``).
+    inference gating at the end of each task), alone (``stats``) or added to the logits (``heads+stats``),
+    as ``-d_c / class_tau`` (default ``class_tau=None``: ``tau_id``). The class scores' temperature sets how
+    sharp the within-task softmax is next to the task posterior in the ``product`` calibration: too soft,
+    and a confident wrong task with well separated classes outweighs the true task with look-alike classes
+    (docs/method.md, "The class scores' temperature").
 
     The output is calibrated with a task posterior (``task_id_features``: ``gate`` = the shared
     gate's posterior, ``final`` = final-feature statistics gathered under the inference gating):
@@ -157,6 +166,9 @@ class DualLoRA(ContinualMethod):
                                         "statistics of the adapted model: every block's mean norm1 tokens and the "
                                         "final feature, gathered at the end of each task) | heads+stats",
                                choices=("heads", "heads+gate") + ADAPTED_CLASS_SCORES, check=_gate_for_class_scores),
+        "class_tau": Option(None, "class_scores=stats|heads+stats: temperature of the class scores -d_c / class_tau "
+                                  "(d_c: squared Mahalanobis distance per dimension of the adapted model's class "
+                                  "statistics); null = tau_id", type=Optional[float], check=_positive_or_null),
         "drift_compensation": Option(False, "class_scores=stats|heads+stats: move old classes' stored means by "
                                             "the drift of the new task's features across its training (semantic "
                                             "drift compensation, Yu et al. CVPR 2020); one more statistics pass "
@@ -207,6 +219,8 @@ class DualLoRA(ContinualMethod):
         if self.class_blocks:
             self.signatures["classes"] = TaskSignatures(model.embed_dim * (len(self.class_blocks) + 1),
                                                         score="mahalanobis", tau=cfg.tau_id, ridge=cfg.ridge)
+        #: temperature of the adapted statistics' class scores (``class_tau``, docs/method.md)
+        self.class_tau = cfg.tau_id if cfg.class_tau is None else cfg.class_tau
         self.last_info: dict = {}
         self._shared: Optional[torch.Tensor] = None
         self._gate_z: Optional[torch.Tensor] = None
@@ -452,7 +466,7 @@ class DualLoRA(ContinualMethod):
         elif self.class_blocks:
             with torch.autocast(device_type=x.device.type, enabled=False):
                 d = self.signatures["classes"].class_distances(torch.cat(class_parts + [feats], dim=1).float())
-            scores = -(d / self.cfg.tau_id).to(logits.dtype)
+            scores = -(d / self.class_tau).to(logits.dtype)
             logits = scores if self.cfg.class_scores == "stats" else logits + scores
         self._shared = self._gate_z = None
         sizes = self.model.head_sizes
