@@ -251,3 +251,42 @@ def test_residual_stack_cache_follows_edits_and_keeps_gradients():
         assert torch.allclose(second, expected(), atol=1e-5)
         assert not torch.allclose(first, second, atol=1e-3)
         assert layer.residual_stack()[1] is layer.residual_stack()[1]  # cached while nothing changes
+
+
+def test_training_branches_fused_equal_separate_branches_with_their_gradients():
+    """Training a task runs B_o A_o and the task's residual B_t P_t^T as one concatenated branch
+    (AdaptedLinear._fixed_branches): same output and the same gradients as two separate branches."""
+    g = torch.Generator().manual_seed(11)
+    layer = AdaptedLinear(make_base())
+    P = torch.linalg.qr(torch.randn(D_IN, 3, generator=g)).Q
+    B_t = layer.add_residual(1, P)
+    B_o = layer.add_orthogonal(orthonormal_rows(4))
+    with torch.no_grad():
+        B_t.copy_(torch.randn(D_OUT, 3, generator=g))
+        B_o.copy_(torch.randn(D_OUT, 4, generator=g))
+    layer.fixed_gates = torch.tensor([1.0])
+    h = tokens(batch=4)
+    y = layer(h)
+    target = torch.randn(y.shape, generator=g)
+    ((y - target) ** 2).sum().backward()
+    fused_grads = B_o.grad.clone(), B_t.grad.clone()
+
+    B_o2, B_t2 = B_o.detach().clone().requires_grad_(), B_t.detach().clone().requires_grad_()
+    expected = layer.base(h) + (h @ layer.orth_A.T) @ B_o2.T + (h @ P) @ B_t2.T
+    assert torch.allclose(y, expected, atol=1e-5)
+    assert not torch.allclose(y, layer.base(h) + (h @ layer.orth_A.T) @ B_o2.T, atol=1e-2)  # B_t counts
+    ((expected - target) ** 2).sum().backward()
+    assert torch.allclose(fused_grads[0], B_o2.grad, atol=1e-4)
+    assert torch.allclose(fused_grads[1], B_t2.grad, atol=1e-4)
+    assert fused_grads[0].abs().sum() > 0 and fused_grads[1].abs().sum() > 0
+
+
+def test_single_orthogonal_branch_is_computed_exactly_as_one_branch():
+    """One branch (InfLoRA, DualLoRA's first task) is not concatenated: bit-identical to base + B A h."""
+    layer = AdaptedLinear(make_base())
+    B_o = layer.add_orthogonal(orthonormal_rows(4))
+    with torch.no_grad():
+        B_o.copy_(torch.randn(D_OUT, 4, generator=torch.Generator().manual_seed(3)))
+    h = tokens()
+    expected = layer.base(h) + torch.nn.functional.linear(torch.nn.functional.linear(h, layer.orth_A), B_o)
+    assert torch.equal(layer(h), expected)

@@ -192,26 +192,46 @@ class AdaptedLinear(nn.Module):
             return None
         return self.gate_fn(h)
 
+    def _fixed_branches(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The branches every image passes alike: the orthogonal adapter and, under fixed gates, each
+        switched-on residual adapter, as down projections ``(r, d_in)`` and up projections ``(d_out, r)``.
+
+        Training a task runs both ``B_o A_o`` and ``g_t B_t P_t^T``; the forward pass concatenates them into
+        one rank ``r_o + r_t`` branch, two matrix products instead of four (forward and backward), which
+        brings DualLoRA's training step to InfLoRA's (docs/performance.md). A single branch is computed as
+        before, so methods with one branch (InfLoRA, DualLoRA's first task) are unchanged bit for bit.
+        """
+        downs: list[torch.Tensor] = []
+        ups: list[torch.Tensor] = []
+        if self.orth_A is not None and self.orth_B is not None and self.orth_A.shape[0] > 0:
+            downs.append(self.orth_A)
+            ups.append(self.orth_B)
+        gates = self.fixed_gates if self.res_tasks else None
+        if gates is not None:
+            for j in torch.nonzero(gates).flatten().tolist():
+                downs.append(self.res_P[j].t())
+                ups.append(self.res_B[j] if float(gates[j]) == 1.0 else gates[j] * self.res_B[j])
+        return downs, ups
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """Map ``h`` (..., d_in) to (..., d_out); see the module docstring for the formula."""
         if self.recorder is not None:
             self.recorder(h)
         y = self.base(h)
-        if self.orth_A is not None and self.orth_B is not None and self.orth_A.shape[0] > 0:
-            y = y + F.linear(F.linear(h, self.orth_A), self.orth_B)
+        downs, ups = self._fixed_branches()
+        if len(downs) == 1:
+            y = y + F.linear(F.linear(h, downs[0]), ups[0])
+        elif downs:  # one down and one up projection for every fixed branch (training: B_o and B_t)
+            y = y + F.linear(F.linear(h, torch.cat(downs)), torch.cat(ups, dim=1))
         if self.lora_A is not None and self.lora_B is not None:
             y = y + self.lora_scale * F.linear(F.linear(h, self.lora_A), self.lora_B)
         gates = self.residual_gates(h)
-        if gates is not None:
-            if gates.ndim == 1:
-                for j in torch.nonzero(gates).flatten().tolist():
-                    y = y + gates[j] * F.linear(h @ self.res_P[j], self.res_B[j])
-            else:
-                P, Bcat, cols = self.residual_stack()  # (d_in, R), (d_out, R), (R,)
-                g = gates.index_select(1, cols).to(h.dtype)  # (B, R): each rank column's gate
-                z = h @ P
-                shape = (g.shape[0],) + (1,) * (z.ndim - 2) + (g.shape[1],)
-                y = y + F.linear(z * g.view(shape), Bcat)
+        if gates is not None and gates.ndim > 1:  # per-image gates (inference): fixed ones are in _fixed_branches
+            P, Bcat, cols = self.residual_stack()  # (d_in, R), (d_out, R), (R,)
+            g = gates.index_select(1, cols).to(h.dtype)  # (B, R): each rank column's gate
+            z = h @ P
+            shape = (g.shape[0],) + (1,) * (z.ndim - 2) + (g.shape[1],)
+            y = y + F.linear(z * g.view(shape), Bcat)
         return y
 
     # ------------------------------------------------------------------ state
