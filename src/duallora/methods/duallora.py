@@ -27,6 +27,7 @@ from duallora.methods.options import (
     TAU_ID,
     Option,
     positive_int,
+    positive_or_null,
     probability,
 )
 from duallora.methods.posterior import capture_gate_tokens, gate_blocks
@@ -64,11 +65,6 @@ def _head_over_gate_needs(key: str, value: Any, cfg: Any) -> Optional[str]:
 #: ``class_scores`` values that read the class statistics of the adapted model (site ``classes``), gathered
 #: in ``end_task``: a run without them cannot be derived into one with them.
 ADAPTED_CLASS_SCORES = ("stats", "heads+stats")
-
-
-def _positive_or_null(key: str, value: Any, cfg: Any) -> Optional[str]:
-    """``value > 0`` or None."""
-    return f"method.{key}={value} must be > 0 or null" if value is not None and value <= 0 else None
 
 
 def _drift_needs_stats(key: str, value: Any, cfg: Any) -> Optional[str]:
@@ -168,7 +164,7 @@ class DualLoRA(ContinualMethod):
                                choices=("heads", "heads+gate") + ADAPTED_CLASS_SCORES, check=_gate_for_class_scores),
         "class_tau": Option(None, "class_scores=stats|heads+stats: temperature of the class scores -d_c / class_tau "
                                   "(d_c: squared Mahalanobis distance per dimension of the adapted model's class "
-                                  "statistics); null = tau_id", type=Optional[float], check=_positive_or_null),
+                                  "statistics); null = tau_id", type=Optional[float], check=positive_or_null),
         "drift_compensation": Option(False, "class_scores=stats|heads+stats: move old classes' stored means by "
                                             "the drift of the new task's features across its training (semantic "
                                             "drift compensation, Yu et al. CVPR 2020); one more statistics pass "

@@ -118,6 +118,11 @@ def positive(key: str, value: Any, cfg: Any) -> Optional[str]:
     return f"method.{key}={value} must be > 0" if value <= 0 else None
 
 
+def positive_or_null(key: str, value: Any, cfg: Any) -> Optional[str]:
+    """``value > 0`` or None."""
+    return f"method.{key}={value} must be > 0 or null" if value is not None and value <= 0 else None
+
+
 def non_negative(key: str, value: Any, cfg: Any) -> Optional[str]:
     """``value >= 0``."""
     return f"method.{key}={value} must be >= 0" if value < 0 else None
