@@ -793,6 +793,13 @@ def test_duallora_stats_class_scores_are_ncm_all_statistics_of_the_adapted_model
     assert not inference_only_change(plain.cfg, stats.cfg)
     assert inference_only_change(stats.cfg, load_config(None, BASE + ["method.name=duallora"] + overrides
                                                         + ["method.class_scores=heads+stats"]))
+    # the adapted statistics are gathered under the inference gating: the gate's keys change them
+    for key in ("method.tau_id=0.05", "method.shrinkage=oas", "method.task_id_score=cosine"):
+        assert not inference_only_change(stats.cfg, load_config(None, BASE + ["method.name=duallora"] + overrides
+                                                                 + ["method.class_scores=stats", key]))
+    # without adapted statistics they change only the prediction
+    assert inference_only_change(plain.cfg, load_config(None, BASE + ["method.name=duallora"] + overrides
+                                                        + ["method.shrinkage=oas", "method.tau_id=0.05"]))
 
 
 def test_duallora_drift_compensation_moves_old_class_means_by_the_new_tasks_drift():

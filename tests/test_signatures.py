@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from duallora.signatures import TaskSignatures, semantic_drift
+from duallora.signatures import TaskSignatures, oas_coefficient, semantic_drift
 
 F64 = torch.float64
 
@@ -200,3 +200,56 @@ def test_semantic_drift_hand_example():
         sig.shift_means(drift[:1])
     with pytest.raises(ValueError, match="must match"):
         semantic_drift(before, before[:1], sig)
+
+
+def _oas_numpy(X):
+    """OAS of Chen et al. 2010, Eq. (23), written independently in numpy from samples X (n, p)."""
+    import numpy as np
+
+    n, p = X.shape
+    Xc = X - X.mean(0)
+    S = Xc.T @ Xc / n
+    tr, tr2 = np.trace(S), np.trace(S @ S)
+    return min(1.0, ((1 - 2 / p) * tr2 + tr**2) / ((n + 1 - 2 / p) * (tr2 - tr**2 / p)))
+
+
+def test_oas_coefficient_equals_the_published_formula_and_behaves_at_its_limits():
+    g = torch.Generator().manual_seed(0)
+    scale = torch.linspace(0.2, 3.0, 8, dtype=F64)
+    X = torch.randn(30, 8, generator=g, dtype=F64) * scale
+    Xc = X - X.mean(0)
+    S = Xc.T @ Xc / 30
+    assert oas_coefficient(S, 30) == pytest.approx(_oas_numpy(X.numpy()), rel=1e-12)
+    # few samples per dimension: strong shrinkage; many: little
+    few = torch.randn(5, 64, generator=g, dtype=F64) * torch.linspace(0.5, 2.0, 64, dtype=F64)
+    many = torch.randn(20000, 8, generator=g, dtype=F64) * scale
+    rho_few = oas_coefficient(torch.cov(few.T, correction=0), 5)
+    rho_many = oas_coefficient(torch.cov(many.T, correction=0), 20000)
+    assert rho_few > 0.5 and rho_many < 0.01
+    # a multiple of the identity needs no estimate of its shape: rho = 1
+    assert oas_coefficient(2.0 * torch.eye(4, dtype=F64), 10) == 1.0
+    with pytest.raises(ValueError, match="square"):
+        oas_coefficient(torch.zeros(2, 3, dtype=F64), 4)
+    with pytest.raises(ValueError, match="n must be"):
+        oas_coefficient(torch.eye(2, dtype=F64), 0)
+
+
+def test_oas_shrinkage_shrinks_the_pooled_covariance_toward_its_mean_eigenvalue():
+    # one class of 100 cross samples (25 copies of 4, dof 99), pooled covariance diag(4, 1)
+    a, b = math.sqrt(4.0 * 99 / 50), math.sqrt(99 / 50)
+    z = torch.tensor([[a, 0.0], [-a, 0.0], [0.0, b], [0.0, -b]], dtype=F64).repeat(25, 1)
+    y = torch.zeros(100, dtype=torch.long)
+    plain, shrunk = TaskSignatures(2, ridge=1e-12), TaskSignatures(2, ridge=1e-12, shrinkage="oas")
+    for sig in (plain, shrunk):
+        add_task(sig, z, y, 1)
+    cov = torch.diag(torch.tensor([4.0, 1.0], dtype=F64))
+    assert torch.allclose(plain.scatter / 99, cov)
+    rho = oas_coefficient(cov, 99)
+    assert 0.0 < rho < 1.0
+    expected = (1 - rho) * cov + rho * 2.5 * torch.eye(2, dtype=F64)  # mean eigenvalue (4 + 1) / 2
+    x = torch.tensor([[1.0, 2.0]], dtype=F64)
+    want = float(x @ torch.linalg.inv(expected) @ x.T) / 2
+    assert float(shrunk.class_distances(x)[0, 0]) == pytest.approx(want, rel=1e-9)
+    assert float(plain.class_distances(x)[0, 0]) == pytest.approx((1 / 4 + 4 / 1) / 2, rel=1e-9)
+    with pytest.raises(ValueError, match="shrinkage"):
+        TaskSignatures(2, shrinkage="ledoit")

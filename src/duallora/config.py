@@ -453,7 +453,7 @@ def _friendly(exc: OmegaConfBaseException, source: str) -> ConfigError:
 COMPATIBLE_ADDITIONS = frozenset({"train.grad_clip", "method.task_posterior", "method.classifier_alignment",
                                   "method.ncm_final", "method.class_scores",
                                   "method.protect_gate", "method.head_over_gate", "method.drift_compensation",
-                                  "method.class_tau"})
+                                  "method.class_tau", "method.shrinkage"})
 
 
 def missing_keys(path: str | Path) -> list[str]:

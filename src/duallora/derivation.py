@@ -31,7 +31,12 @@ from duallora.training import ContinualLearner
 #: stored tensor depends on them (the signatures keep means, scatter and subspace bases for every score).
 INFERENCE_ONLY_KEYS = {("method", "calibration"), ("method", "confidence_threshold"),
                        ("method", "task_id_score"), ("method", "tau_id"), ("method", "class_scores"),
-                       ("method", "class_tau")}
+                       ("method", "class_tau"), ("method", "shrinkage")}
+
+#: Keys of :data:`INFERENCE_ONLY_KEYS` that set the gate's task posterior, which training reads in two cases:
+#: ``head_over_gate`` (the loss sees the gate's class scores) and class statistics of the adapted model
+#: with residual adapters (``class_scores`` stats / heads+stats: gathered under the inference gating).
+GATING_KEYS = {("method", "task_id_score"), ("method", "tau_id"), ("method", "shrinkage")}
 
 
 def statistics_keys(cfg: RunConfig) -> set[tuple[str, str]]:
@@ -47,7 +52,8 @@ def inference_only_change(a: RunConfig, b: RunConfig) -> bool:
     """Whether runs of ``a`` and ``b`` train the same model and differ only in how it predicts.
 
     True when both are ``duallora`` with the shared gate as task posterior and every key outside
-    :data:`INFERENCE_ONLY_KEYS` (and :data:`RESUME_IGNORED_KEYS`) is equal, or both are the same
+    :data:`INFERENCE_ONLY_KEYS` (and :data:`RESUME_IGNORED_KEYS`) is equal (outside it less
+    :data:`GATING_KEYS` where training read the gate's posterior), or both are the same
     method and differ only in its :func:`statistics_keys`; a run of ``b`` then equals the checkpoints
     of a run of ``a`` evaluated under ``b`` (:func:`derive_run`; for statistics keys with the
     statistics gathered again from each checkpoint).
@@ -61,7 +67,11 @@ def inference_only_change(a: RunConfig, b: RunConfig) -> bool:
 
     if (a.method.class_scores in ADAPTED_CLASS_SCORES) != (b.method.class_scores in ADAPTED_CLASS_SCORES):
         return False  # the adapted model's class statistics are gathered in training, or not at all
-    return not config_differences(a, b, RESUME_IGNORED_KEYS | INFERENCE_ONLY_KEYS)
+    ignored = INFERENCE_ONLY_KEYS
+    if any(cfg.method.head_over_gate or (cfg.method.class_scores in ADAPTED_CLASS_SCORES and cfg.method.use_residual)
+           for cfg in (a, b)):
+        ignored = ignored - GATING_KEYS  # the gate's posterior shaped what was trained or gathered
+    return not config_differences(a, b, RESUME_IGNORED_KEYS | ignored)
 
 
 def derive_run(source: Path, cfg: RunConfig, output: Path, *, overwrite: bool = False,

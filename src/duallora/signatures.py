@@ -11,7 +11,11 @@ Task posterior (``score="mahalanobis"``, the default)::
     p(j | x) = softmax_j(-d_j(x) / tau)
 
 with S the pooled within-class covariance and ridge = ``ridge * tr(S) / D`` (numerical stability
-only). Options: ``cosine`` (d_c = 1 - cos(z, mu_c)) and ``subspace`` (d_j = 1 - ||Q_j^T z||^2/||z||^2
+only). With ``shrinkage="oas"`` S is first shrunk toward a scaled identity,
+``S <- (1 - rho) S + rho tr(S) / D I``, with the Oracle Approximating Shrinkage coefficient rho of
+:func:`oas_coefficient` (estimated from S and its degrees of freedom: near 0 with many images per
+dimension, near 1 with few; docs/method.md, "Covariance shrinkage").
+Options: ``cosine`` (d_c = 1 - cos(z, mu_c)) and ``subspace`` (d_j = 1 - ||Q_j^T z||^2/||z||^2
 with Q_j the top-q eigenvectors of task j's feature second moment).
 """
 
@@ -25,6 +29,40 @@ from torch.nn import functional as F
 from duallora import distributed
 
 SCORES = ("mahalanobis", "cosine", "subspace")
+#: ``shrinkage`` values of :class:`TaskSignatures`.
+SHRINKAGES = ("none", "oas")
+
+
+def oas_coefficient(cov: torch.Tensor, n: int) -> float:
+    """Oracle Approximating Shrinkage coefficient rho in [0, 1] of a sample covariance.
+
+    Chen, Wiesel, Eldar and Hero, "Shrinkage Algorithms for MMSE Covariance Estimation", IEEE Trans.
+    Signal Processing 58(10), 2010, Eq. (23)::
+
+        rho = min(1, ((1 - 2/p) tr(S^2) + tr(S)^2) / ((n + 1 - 2/p) (tr(S^2) - tr(S)^2 / p)))
+
+    Args:
+        cov: S (p, p), a symmetric sample covariance.
+        n: the number of independent samples (degrees of freedom) behind it, >= 1.
+
+    Returns:
+        rho (1.0 when S is already a multiple of the identity, where the denominator is 0).
+
+    Raises:
+        ValueError: ``cov`` not square or ``n < 1``.
+    """
+    if cov.ndim != 2 or cov.shape[0] != cov.shape[1]:
+        raise ValueError(f"cov must be a square matrix, got shape {tuple(cov.shape)}")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    p = cov.shape[0]
+    cov = cov.to(torch.float64)
+    tr = float(torch.trace(cov))
+    tr2 = float((cov * cov).sum())  # tr(S^2) for a symmetric S
+    den = (n + 1.0 - 2.0 / p) * (tr2 - tr * tr / p)
+    if den <= 0.0:
+        return 1.0
+    return min(1.0, ((1.0 - 2.0 / p) * tr2 + tr * tr) / den)
 
 
 class TaskSignatures:
@@ -36,15 +74,20 @@ class TaskSignatures:
         tau: temperature of the task posterior (> 0).
         ridge: ridge relative to the mean eigenvalue of the pooled covariance.
         subspace_dims: q, directions per task for ``score="subspace"``.
+        shrinkage: ``none`` | ``oas``: shrink the pooled covariance toward a scaled identity with the
+            Oracle Approximating Shrinkage coefficient (:func:`oas_coefficient`) before the ridge.
 
     Raises:
-        ValueError: unknown score or non-positive tau.
+        ValueError: unknown score or shrinkage, or non-positive tau.
     """
 
     def __init__(self, dim: int, score: str = "mahalanobis", tau: float = 1.0, ridge: float = 1e-4,
-                 subspace_dims: int = 32) -> None:
+                 subspace_dims: int = 32, shrinkage: str = "none") -> None:
         if score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+        if shrinkage not in SHRINKAGES:
+            raise ValueError(f"shrinkage must be one of {SHRINKAGES}, got {shrinkage!r}")
+        self.shrinkage = shrinkage
         if tau <= 0:
             raise ValueError(f"tau must be > 0, got {tau}")
         self.dim, self.score, self.tau, self.ridge, self.q = dim, score, tau, ridge, subspace_dims
@@ -120,6 +163,9 @@ class TaskSignatures:
             cov = self.scatter / dof
             cov = 0.5 * (cov + cov.T)
             mean_eig = float(torch.trace(cov)) / self.dim
+            if self.shrinkage == "oas" and mean_eig > 0:
+                rho = oas_coefficient(cov, dof)
+                cov = (1.0 - rho) * cov + rho * mean_eig * torch.eye(self.dim, dtype=torch.float64)
             # the ridge keeps the matrix invertible; a floor covers a degenerate site (e.g. a class
             # token that is the same for every image) whose covariance is all zero
             ridge = self.ridge * mean_eig if mean_eig > 0 else 0.0

@@ -23,6 +23,7 @@ from duallora.methods.options import (
     GATE_LAYER,
     RANK_ORTHOGONAL,
     RIDGE,
+    SHRINKAGE,
     STAT_IMAGES,
     TAU_ID,
     Option,
@@ -154,6 +155,7 @@ class DualLoRA(ContinualMethod):
         "subspace_dims": Option(32, "q, directions per task for task_id_score=subspace", check=positive_int),
         "tau_id": TAU_ID,
         "ridge": RIDGE,
+        "shrinkage": SHRINKAGE,
         "calibration": Option("product", "calibrated output: none | product | hard",
                               choices=("none", "product", "hard")),
         "confidence_threshold": Option(0.9, "gamma for calibration=hard", check=probability),
@@ -179,7 +181,8 @@ class DualLoRA(ContinualMethod):
         super().__init__(model, cfg, seed)
         names = [n for n, _ in model.adapted_layers()]
         self.block_of = {site.name: site.block for site in model.adapted_sites()}  # from the model, not names
-        kw = dict(score=cfg.task_id_score, tau=cfg.tau_id, ridge=cfg.ridge, subspace_dims=cfg.subspace_dims)
+        kw = dict(score=cfg.task_id_score, tau=cfg.tau_id, ridge=cfg.ridge, subspace_dims=cfg.subspace_dims,
+                  shrinkage=cfg.shrinkage)
         layers = dict(model.adapted_layers())
         if cfg.gate == "shared":
             # the gate reads the mean norm1 tokens of blocks 0..gate_block (ncm-gate's features), whatever
@@ -214,7 +217,8 @@ class DualLoRA(ContinualMethod):
         self.class_blocks = list(range(len(model.backbone.blocks))) if cfg.class_scores in ADAPTED_CLASS_SCORES else []
         if self.class_blocks:
             self.signatures["classes"] = TaskSignatures(model.embed_dim * (len(self.class_blocks) + 1),
-                                                        score="mahalanobis", tau=cfg.tau_id, ridge=cfg.ridge)
+                                                        score="mahalanobis", tau=cfg.tau_id, ridge=cfg.ridge,
+                                                        shrinkage=cfg.shrinkage)
         #: temperature of the adapted statistics' class scores (``class_tau``, docs/method.md)
         self.class_tau = cfg.tau_id if cfg.class_tau is None else cfg.class_tau
         self.last_info: dict = {}

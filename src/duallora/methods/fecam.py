@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from duallora.methods.base import TaskContext
-from duallora.methods.options import RIDGE, TAU_ID, Option
+from duallora.methods.options import RIDGE, SHRINKAGE, TAU_ID, Option
 from duallora.methods.registry import register_method
 from duallora.methods.statistics import StatisticsClassifier, require_every_class
 from duallora.model import AdaptedViT
@@ -45,6 +45,7 @@ class FeCAM(StatisticsClassifier):
     options = {
         "tau_id": TAU_ID,
         "ridge": RIDGE,
+        "shrinkage": SHRINKAGE,
         "fecam_covariance": Option("per-class", "fecam: per-class (as published: shrinkage, correlation "
                                                 "normalisation, L2-normalised features) | pooled",
                                    choices=("per-class", "pooled")),
@@ -58,7 +59,8 @@ class FeCAM(StatisticsClassifier):
     def __init__(self, model: AdaptedViT, cfg: MethodConfig, seed: int = 0) -> None:
         super().__init__(model, cfg, seed)
         self.per_class = cfg.fecam_covariance == "per-class"
-        self.signatures = TaskSignatures(model.embed_dim, score="mahalanobis", tau=cfg.tau_id, ridge=cfg.ridge)
+        self.signatures = TaskSignatures(model.embed_dim, score="mahalanobis", tau=cfg.tau_id, ridge=cfg.ridge,
+                                         shrinkage=cfg.shrinkage)
         d = model.embed_dim
         self.means = torch.zeros(0, d, dtype=torch.float64)  # per-class: (C, D)
         self.covariances = torch.zeros(0, d, d, dtype=torch.float64)  # per-class: shrunk, normalised (C, D, D)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from duallora.methods.base import TaskContext
-from duallora.methods.options import GATE_LAYER, RIDGE, TAU_ID, Option
+from duallora.methods.options import GATE_LAYER, RIDGE, SHRINKAGE, TAU_ID, Option
 from duallora.methods.posterior import capture_gate_tokens, gate_blocks
 from duallora.methods.registry import register_method
 from duallora.methods.statistics import StatisticsClassifier
@@ -31,7 +31,8 @@ class NCMGate(StatisticsClassifier):
     task its class means and within-class scatter join a covariance pooled over all classes so far
     (:class:`~duallora.signatures.TaskSignatures`, the same code as DualLoRA's gate); prediction is the
     class with the smallest squared Mahalanobis distance per dimension (pooled covariance plus a
-    relative ridge ``method.ridge``), probabilities ``softmax(-d / tau_id)``. No training.
+    relative ridge ``method.ridge``, shrinkage ``method.shrinkage``), probabilities ``softmax(-d / tau_id)``.
+    No training.
 
     ``method.ncm_final=true`` appends the final feature (``model.features``, (B, D)) to those tokens:
     variant ``ncm-all`` of the comparison specs (``gate_layer=-1``: every block, plus the final
@@ -47,7 +48,7 @@ class NCMGate(StatisticsClassifier):
     """
 
     name = "ncm-gate"
-    options = {"gate_layer": GATE_LAYER, "tau_id": TAU_ID, "ridge": RIDGE,
+    options = {"gate_layer": GATE_LAYER, "tau_id": TAU_ID, "ridge": RIDGE, "shrinkage": SHRINKAGE,
                "ncm_final": Option(False, "ncm-gate: append the final feature to the gate tokens (variant ncm-all)")}
 
     def __init__(self, model: AdaptedViT, cfg: MethodConfig, seed: int = 0) -> None:
@@ -56,7 +57,7 @@ class NCMGate(StatisticsClassifier):
         self.with_final = bool(cfg.ncm_final)
         dim = model.embed_dim * (len(self.blocks) + int(self.with_final))
         self.signatures = TaskSignatures(dim, score="mahalanobis", tau=cfg.tau_id,
-                                         ridge=cfg.ridge)
+                                         ridge=cfg.ridge, shrinkage=cfg.shrinkage)
 
     def gate_features(self, x: torch.Tensor) -> torch.Tensor:
         """Mean ``norm1`` tokens of blocks ``0..gate_layer``, concatenated: (B, C, H, W) -> (B, (L+1) D);

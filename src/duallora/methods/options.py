@@ -6,7 +6,7 @@ registered methods' options (:func:`duallora.methods.registry.all_options`), so 
 as a method that reads it is registered, and ``check_method_keys`` knows which method reads which key.
 
 Options that several methods read (``adapted_modules``, ``rank_orthogonal``, the energy thresholds,
-``stat_images``, ``tau_id``, ``ridge``) are declared once here and referenced by each method that
+``stat_images``, ``tau_id``, ``ridge``, ``shrinkage``) are declared once here and referenced by each method that
 reads them; the registry refuses two declarations of one key that disagree on default, type or
 choices.
 """
@@ -165,3 +165,6 @@ TAU_ID = Option(0.02, "temperature of the task / class posterior (on squared dis
 GATE_LAYER = Option(2, "gate=shared (duallora) / ncm-gate: features are the mean tokens entering blocks 0..gate_layer; "
                         "residual adapters in blocks >= gate_layer (negative: counted from the last block)")
 RIDGE = Option(1e-4, "ridge added to the pooled covariance, relative to its mean eigenvalue")
+SHRINKAGE = Option("none", "pooled covariance of the Mahalanobis statistics shrunk toward a scaled identity: none | "
+                           "oas (Oracle Approximating Shrinkage, coefficient estimated from the data; docs/method.md)",
+                   choices=("none", "oas"))

@@ -26,7 +26,7 @@ import torch
 from duallora.errors import ConfigError
 from duallora.methods.base import Inference, TaskContext
 from duallora.methods.calibration import calibrate
-from duallora.methods.options import GATE_LAYER, RIDGE, TAU_ID, Option
+from duallora.methods.options import GATE_LAYER, RIDGE, SHRINKAGE, TAU_ID, Option
 from duallora.methods.statistics import class_sums
 from duallora.model import AdaptedViT
 from duallora.signatures import TaskSignatures
@@ -39,7 +39,8 @@ TASK_POSTERIOR = Option("heads", "head methods: task posterior the output is cal
                         choices=("heads", "gate"))
 
 #: The options a :class:`PosteriorHeads` method declares (merge into its ``options``).
-POSTERIOR_OPTIONS = {"task_posterior": TASK_POSTERIOR, "gate_layer": GATE_LAYER, "tau_id": TAU_ID, "ridge": RIDGE}
+POSTERIOR_OPTIONS = {"task_posterior": TASK_POSTERIOR, "gate_layer": GATE_LAYER, "tau_id": TAU_ID, "ridge": RIDGE,
+                     "shrinkage": SHRINKAGE}
 
 
 def gate_blocks(model: AdaptedViT, gate_layer: int) -> list[int]:
@@ -76,7 +77,7 @@ class GatePosterior:
 
     Args:
         model: the method's model (its blocks ``0..gate_layer`` are hooked).
-        cfg: reads ``gate_layer``, ``tau_id``, ``ridge``.
+        cfg: reads ``gate_layer``, ``tau_id``, ``ridge``, ``shrinkage``.
 
     Raises:
         ConfigError: ``gate_layer`` outside the backbone's blocks.
@@ -86,7 +87,7 @@ class GatePosterior:
         self.model = model
         self.blocks = gate_blocks(model, cfg.gate_layer)
         self.signatures = TaskSignatures(model.embed_dim * len(self.blocks), score="mahalanobis", tau=cfg.tau_id,
-                                         ridge=cfg.ridge)
+                                         ridge=cfg.ridge, shrinkage=cfg.shrinkage)
 
     @torch.no_grad()
     def add_task(self, ctx: TaskContext) -> None:
