@@ -253,3 +253,27 @@ def test_oas_shrinkage_shrinks_the_pooled_covariance_toward_its_mean_eigenvalue(
     assert float(plain.class_distances(x)[0, 0]) == pytest.approx((1 / 4 + 4 / 1) / 2, rel=1e-9)
     with pytest.raises(ValueError, match="shrinkage"):
         TaskSignatures(2, shrinkage="ledoit")
+
+
+def test_oas_shrinkage_helps_the_nearest_class_mean_with_fewer_images_than_dimensions():
+    # 5 Gaussian classes in 64 dimensions (anisotropic, shared covariance), 8 training images per class:
+    # 35 degrees of freedom for a 64 x 64 covariance. Shrinkage gains 5-9 points on seeds 0-4 (0.814 -> 0.877
+    # on seed 0); the plain estimate rests on the ridge alone.
+    g = torch.Generator().manual_seed(0)
+    d, classes = 64, 5
+    scale = torch.linspace(0.3, 3.0, d, dtype=F64)
+    mu = torch.randn(classes, d, generator=g, dtype=F64) * 0.8
+
+    def sample(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.arange(classes).repeat_interleave(k)
+        return mu[y] + torch.randn(classes * k, d, generator=g, dtype=F64) * scale, y
+
+    x_train, y_train = sample(8)
+    x_test, y_test = sample(200)
+    accuracy = {}
+    for shrinkage in ("none", "oas"):
+        sig = TaskSignatures(d, shrinkage=shrinkage)
+        add_task(sig, x_train, y_train, classes)
+        accuracy[shrinkage] = float((sig.class_distances(x_test).argmin(1) == y_test).double().mean())
+    assert accuracy["none"] == pytest.approx(0.814, abs=1e-9)
+    assert accuracy["oas"] == pytest.approx(0.877, abs=1e-9)
