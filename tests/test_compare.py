@@ -194,6 +194,7 @@ def test_invalid_variants_fail_before_anything_runs(tmp_path, monkeypatch):
         (["SPEC", "seed=2"], "seeds are given by"),
         (["SPEC", "a.yaml"], "one compare spec file"),
         (["/nonexistent/spec.yaml"], "does not exist"),
+        (["SPEC", "--summary-only"], "no runs to summarise"),
     ],
 )
 def test_command_line_errors(tmp_path, args, fragment):

@@ -67,6 +67,9 @@ def test_yaml_and_dict_round_trip(tmp_path):
         (["method.name=frozen", "method.rank_residual=4"], "method 'frozen' does not use it"),
         (["method.name=seq-lora", "method.gate=hard"], "method 'seq-lora' does not use it"),
         (["train.epochs"], "not of the form key=value"),
+        (["method.shrinkage=ledoit"], "choose one of none, oas"),
+        (["method.shrinkage="], "'method.shrinkage' in the command-line overrides: it cannot be empty or null"),
+        (["method.adapted_modules=qkv"], "it takes a list, e.g. method.adapted_modules=[a,b]"),
     ],
 )
 def test_bad_config_is_rejected_with_its_name(overrides, fragment):

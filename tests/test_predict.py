@@ -128,6 +128,8 @@ def test_unreadable_file_is_listed_and_the_others_predicted(tiny_run, images, tm
     assert f"error: cannot read {missing} (no such file or folder)" in result.stderr
     assert "2 of 4 files could not be read" in result.stderr
     assert "Traceback" not in result.output
+    alone = invoke("predict", tiny_run, broken)  # every file unreadable: no "others" to speak of
+    assert alone.exit_code == 1 and "none of the 1 files could be read" in alone.stderr
     rows = parse_csv(target.read_text())
     assert [r["path"] for r in rows] == [str(files[0]), str(files[1])]
     assert result.stdout == ""  # with --output the table goes to the file only

@@ -429,10 +429,13 @@ def predict(
             else format_json(result.predictions, errors, predictor.checkpoint))
     if output is not None:
         write_text_atomic(output, text)
-        typer.echo(f"{len(result.predictions)} predictions ({predictor.checkpoint}) written to {output}", err=True)
+        n = len(result.predictions)
+        typer.echo(f"{n} prediction{'' if n == 1 else 's'} ({predictor.checkpoint}) written to {output}", err=True)
     else:
         typer.echo(text, nl=False)
     if errors:
+        if not result.predictions:
+            _fail(f"none of the {len(errors)} files could be read (listed above); nothing was predicted", 1)
         _fail(f"{len(errors)} of {len(errors) + len(result.predictions)} files could not be read (listed above); "
               "the others were predicted", 1)
 

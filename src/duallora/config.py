@@ -445,6 +445,12 @@ def _friendly(exc: OmegaConfBaseException, source: str) -> ConfigError:
             f"unknown config key {key!r} in {source}; `duallora run --print-config` lists the valid keys "
             "(commented in configs/default.yaml)"
         )
+    if "Incompatible value 'None'" in msg:
+        return ConfigError(f"invalid value for {key!r} in {source}: it cannot be empty or null; "
+                           "`duallora run --print-config` shows its default and configs/default.yaml its choices")
+    if "is not a ListConfig" in msg:
+        return ConfigError(f"invalid value for {key!r} in {source}: it takes a list, e.g. {key}=[a,b] "
+                           "(quote the whole override in a shell)")
     return ConfigError(f"invalid value for {key!r} in {source}: {msg}")
 
 

@@ -29,7 +29,7 @@ from duallora.compare.plan import (
 )
 from duallora.compare.spec import CompareSpec, Echo
 from duallora.compare.summary import result_line, write_summary
-from duallora.errors import CheckpointError, DualLoRAError
+from duallora.errors import CheckpointError, ConfigError, DualLoRAError
 
 
 @dataclass
@@ -192,7 +192,8 @@ def run_compare(spec: CompareSpec, output: str | Path, *, seeds: Optional[Sequen
         the :class:`CompareResult`.
 
     Raises:
-        ConfigError: as :func:`~duallora.compare.plan.plan_compare` (before anything runs).
+        ConfigError: as :func:`~duallora.compare.plan.plan_compare` (before anything runs); ``summary_only``
+            with an ``output`` folder that does not exist.
         CheckpointError: existing runs whose config differs, without ``overwrite`` (before anything
             runs, also with ``dry_run`` after printing the plan), or another compare holds DIR.
         OSError: DIR cannot be written.
@@ -200,6 +201,9 @@ def run_compare(spec: CompareSpec, output: str | Path, *, seeds: Optional[Sequen
     from duallora.reporting import write_json_atomic
 
     output = Path(output)
+    if summary_only and not output.is_dir():
+        raise ConfigError(f"--summary-only: {output} does not exist, so there are no runs to summarise; "
+                          "give the --output folder of an earlier `duallora compare` (or drop --summary-only)")
     extra = tuple(extra_overrides)
     planned = plan_compare(spec, output, seeds=seeds, extra_overrides=extra, only=only, overwrite=overwrite,
                            echo=echo)
