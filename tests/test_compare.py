@@ -415,8 +415,15 @@ def test_inference_only_variants_are_derived_and_equal_trained_runs(finished, tm
         assert m["derived_from"] == "../../duallora/seed-0"  # relative: the compare folder can move
         assert m["train_time_s"] == json.loads((out / "runs/duallora/seed-0/metrics.json").read_text())["train_time_s"]
     assert "derived_from" not in json.loads((out / "runs/gate-hard/seed-0/metrics.json").read_text())
-    r = invoke("evaluate", "--checkpoint", out / "runs" / "no-calibration" / "seed-0", "--no-progress")
+    derived = out / "runs" / "no-calibration" / "seed-0"
+    r = invoke("evaluate", "--checkpoint", derived, "--no-progress")
     assert r.exit_code == 2 and "was derived from the checkpoints of" in r.output
+    # history and predict --version name the run whose versions they are (the path normalised)
+    source = str(out / "runs" / "duallora" / "seed-0")
+    r = invoke("history", derived)
+    assert r.exit_code == 2 and f"`duallora history {source}` lists them" in r.output, r.output
+    r = invoke("predict", derived, "--version", "1", tmp_path)
+    assert r.exit_code == 2 and f"pick a version of {source}" in r.output, r.output
     # trained from scratch (--no-derive) they give the same accuracy matrices, to the bit
     trained = tmp_path / "trained"
     result = invoke("compare", spec, "-o", trained, "--seeds", "0", "--only", "no-calibration,task-id-cosine",

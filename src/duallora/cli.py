@@ -487,8 +487,13 @@ def _predictor(path: Path, version: Optional[int], **options):
         return ContinualModel.open(path).predictor(version, items)
     if version is not None:
         from duallora.errors import CheckpointError
-        from duallora.runner import find_checkpoints
+        from duallora.runner import derived_source, find_checkpoints
 
+        source = derived_source(path)
+        if source is not None:
+            raise CheckpointError(f"{path} was made by duallora compare from the checkpoints of {source} (its own "
+                                  "config.yaml changes only how they predict) and has no task checkpoints of its "
+                                  f"own: predict its last task without --version, or pick a version of {source}")
         files = find_checkpoints(path)
         if version > len(files):
             raise CheckpointError(f"{path} has {len(files)} task checkpoints; --version {version} does not exist")

@@ -458,6 +458,11 @@ def model_history(path: str | Path) -> list[VersionInfo]:
     if not Path(path).exists():
         raise CheckpointError(f"no model directory or run folder at {str(path)!r}; create a model with "
                               f"`duallora learn {path} FOLDER`")
+    from duallora.runner import derived_source
+
+    if (source := derived_source(Path(path))) is not None:
+        raise CheckpointError(f"{path} was made by duallora compare from the checkpoints of {source} and has no "
+                              f"versions of its own: `duallora history {source}` lists them")
     if Path(path).is_dir() and not (Path(path) / "checkpoints").is_dir():
         raise CheckpointError(f"{str(path)!r} is neither a duallora model directory (no {MODEL_FILE}) nor a run "
                               "folder (no checkpoints/); create a model with `duallora learn MODEL_DIR FOLDER`")

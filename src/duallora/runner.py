@@ -424,19 +424,30 @@ def evaluate_each(files: list[Path], config_of: Callable[[dict[str, Any]], RunCo
         yield f, learner, scenario, ev, time.perf_counter() - t0
 
 
+def derived_source(path: Path) -> Optional[Path]:
+    """The run whose checkpoints a run folder made by :func:`~duallora.derivation.derive_run` evaluated
+    (``derived_from`` in its ``metrics.json``, normalised), or None for any other path."""
+    derived = Path(path) / "metrics.json"
+    if not derived.is_file() or (Path(path) / "checkpoints").is_dir():
+        return None
+    try:
+        source = json.loads(derived.read_text()).get("derived_from")
+    except (ValueError, AttributeError):
+        return None
+    return Path(os.path.normpath(Path(path) / source)) if source else None
+
+
 def _refuse_derived(path: Path) -> None:
     """Refuse a run folder made by :func:`derive_run`: it has no checkpoints of its own.
 
     Raises:
         CheckpointError: naming the run it was derived from.
     """
-    derived = Path(path) / "metrics.json"
-    if derived.is_file() and not (Path(path) / "checkpoints").is_dir():
-        source = json.loads(derived.read_text()).get("derived_from")
-        if source:
-            raise CheckpointError(f"{path} was derived from the checkpoints of {Path(path) / source} (an "
-                                  "inference-only change, see docs/compare.md) and has none of its own; evaluate "
-                                  "that run, or derive again with duallora compare")
+    source = derived_source(path)
+    if source is not None:
+        raise CheckpointError(f"{path} was derived from the checkpoints of {source} (an "
+                              "inference-only change, see docs/compare.md) and has none of its own; evaluate "
+                              "that run, or derive again with duallora compare")
 
 
 def _stored_config(progress: bool, data_root: Optional[str],
