@@ -424,6 +424,12 @@ def test_inference_only_variants_are_derived_and_equal_trained_runs(finished, tm
     assert r.exit_code == 2 and f"`duallora history {source}` lists them" in r.output, r.output
     r = invoke("predict", derived, "--version", "1", tmp_path)
     assert r.exit_code == 2 and f"pick a version of {source}" in r.output, r.output
+    # without --version it predicts with the source's last checkpoint under its own config (no calibration)
+    image = sorted((Path(tiny[1].split("=", 1)[1]) / "test").rglob("*.png"))[0]
+    r = invoke("predict", derived, image, "--format", "json")
+    assert r.exit_code == 0, r.output
+    record = json.loads(r.stdout)
+    assert record["checkpoint"].endswith("task_2.safetensors") and "duallora" in record["checkpoint"]
     # trained from scratch (--no-derive) they give the same accuracy matrices, to the bit
     trained = tmp_path / "trained"
     result = invoke("compare", spec, "-o", trained, "--seeds", "0", "--only", "no-calibration,task-id-cosine",

@@ -228,17 +228,11 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Optional[Path], Optional
     Raises:
         CheckpointError: no checkpoint found.
     """
-    from duallora.runner import find_checkpoints
+    from duallora.runner import derived_source, find_checkpoints
 
     p = Path(path)
-    if p.is_dir() and not (p / "checkpoints").is_dir() and (p / "metrics.json").is_file():
-        try:
-            source = json.loads((p / "metrics.json").read_text()).get("derived_from")
-        except (ValueError, AttributeError):
-            source = None
-        if source:
-            files = find_checkpoints(p / source)
-            return files[-1], p, p / "config.yaml"
+    if (source := derived_source(p)) is not None:
+        return find_checkpoints(source)[-1], p, p / "config.yaml"
     if not p.exists() and Path(str(p) + ".partial").is_dir():  # an interrupted run: its finished tasks
         p = Path(str(p) + ".partial")
     if not p.exists():
