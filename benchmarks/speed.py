@@ -9,7 +9,8 @@ two measurements taken in the same process, interleaved, so machine noise cancel
 * training time per step (forward + backward + optimiser step) on task 2: DualLoRA / seq-lora (same
   rank and layers), / InfLoRA; and task 2's whole time (statistics passes, training, memory update) of
   DualLoRA / InfLoRA at the same epochs and batch (InfLoRA's statistics on the default subset, and on every
-  image as in its official code);
+  image as in its official code); and DualLoRA at its defaults until 2026-12-07 (``duallora-v1``: adapters
+  in every block, statistics on 2,000 images) beside them;
 * statistics passes and memory update per task as a share of that task's training time, at the
   default epochs (the ratio does not depend on the task's size: both scale with it);
 * activation memory of one training step (bytes saved for backward): DualLoRA / seq-lora.
@@ -41,6 +42,9 @@ from duallora.config import load_config
 from duallora.training import ContinualLearner
 
 COMMON = ["train.progress=false", "train.device=cpu"]
+#: DualLoRA's defaults until 2026-12-07 (variant ``duallora-v1`` of the comparison specs; docs/method.md, "Defaults")
+V1 = ["method.gate_layer=2", "method.protect_gate=false", "method.class_scores=heads", "method.class_tau=null",
+      "method.stat_images=2000", "method.shrinkage=none"]
 
 
 def learner_after(method: str, tasks: int, per_class: int, epochs: int, extra: list[str]) -> ContinualLearner:
@@ -95,17 +99,18 @@ def training_step(rounds: int, per_class: int) -> dict:
     """Seconds per training step on task 2 (its orthogonal and residual adapters, head), batch 128, and
     the whole time of task 2 (statistics passes, training, memory update: the record's ``task_time_s``).
 
-    Each round builds DualLoRA, seq-lora, InfLoRA (default ``stat_images``) and InfLoRA with statistics
+    Each round builds DualLoRA, ``duallora-v1``, seq-lora, InfLoRA (default ``stat_images``) and InfLoRA with statistics
     over every image (``inflora-all-images``, its official setting) learners in turn on the same random data,
     all at the same epochs and batch, and reads task 2's times from the learner's record; medians over rounds.
     """
-    names = {"duallora": [], "seq-lora": [], "inflora": [], "inflora-all-images": ["method.stat_images=null"]}
+    names = {"duallora": ("duallora", []), "duallora-v1": ("duallora", V1), "seq-lora": ("seq-lora", []),
+             "inflora": ("inflora", []), "inflora-all-images": ("inflora", ["method.stat_images=null"])}
     per_step: dict[str, list[float]] = {n: [] for n in names}
     per_task: dict[str, list[float]] = {n: [] for n in names}
     saved: dict[str, int] = {}
     for _ in range(rounds):
-        for name, extra in names.items():
-            learner = learner_after(name.replace("-all-images", ""), 1, per_class, 1, extra)
+        for name, (method_name, extra) in names.items():
+            learner = learner_after(method_name, 1, per_class, 1, extra)
             method = learner.method
             original = method.train_logits
             calls = {"n": 0}
@@ -136,6 +141,8 @@ def training_step(rounds: int, per_class: int) -> dict:
         "images_per_task": 2 * per_class,
         "task_duallora_over_inflora": task["duallora"] / task["inflora"],
         "task_duallora_over_inflora_all_images": task["duallora"] / task["inflora-all-images"],
+        "task_duallora_v1_over_inflora": task["duallora-v1"] / task["inflora"],
+        "task_duallora_over_duallora_v1": task["duallora"] / task["duallora-v1"],
         "duallora_over_seq_lora": med["duallora"] / med["seq-lora"],
         "duallora_over_inflora": med["duallora"] / med["inflora"],
         "activation_mib": {k: v / 2**20 for k, v in saved.items()},
@@ -188,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     epochs = args.epochs or load_config(None).train.epochs
     t0 = time.perf_counter()
     # variant -> (method, overrides): every method of the comparison tables with a distinct inference path
-    variants = {"duallora": ("duallora", []), "frozen": ("frozen", []), "inflora": ("inflora", []),
+    variants = {"duallora": ("duallora", []), "duallora-v1": ("duallora", V1), "frozen": ("frozen", []),
+                "inflora": ("inflora", []),
                 "l2p": ("l2p", []), "sd-lora": ("sd-lora", []), "seq-lora": ("seq-lora", []),
                 "frozen-posterior": ("frozen", ["method.task_posterior=gate"]),
                 "inflora-posterior": ("inflora", ["method.task_posterior=gate"]),
@@ -219,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
          "<= 1.00"),
         ("whole task: DualLoRA / InfLoRA with statistics over every image (official)",
          tr["task_duallora_over_inflora_all_images"], "<= 1.00"),
+        ("whole task: DualLoRA / DualLoRA with the defaults until 2026-12-07 (duallora-v1)",
+         tr["task_duallora_over_duallora_v1"], ""),
+        ("whole task: duallora-v1 / InfLoRA", tr["task_duallora_v1_over_inflora"], ""),
         ("activation memory: DualLoRA / seq-lora", tr["activation_duallora_over_seq_lora"], ""),
         (f"statistics + memory update / training time ({epochs} epochs, {args.task_images} images/task)",
          st["mean"], "<= 0.10"),

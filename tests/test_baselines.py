@@ -659,6 +659,32 @@ def test_duallora_with_adapters_at_or_above_the_gate_keeps_ncm_gates_task_poster
         load_config(None, ["method.gate=soft", "method.protect_gate=true"])
 
 
+def test_default_duallora_adapts_only_the_last_block_and_keeps_the_untouched_backbones_gate():
+    # DualLoRA's own defaults (docs/method.md, "Defaults"): the gate reads every block, adapters only in the last,
+    # class scores from the adapted model's statistics, shrinkage while the statistics rest on few images
+    dl = make_learner("duallora")
+    cfg = dl.cfg.method
+    assert (cfg.gate_layer, cfg.protect_gate, cfg.class_scores, cfg.class_tau, cfg.stat_images, cfg.shrinkage) == \
+        (-1, True, "stats", 0.001, None, "auto")
+    ncm = make_learner("ncm-gate", ["method.gate_layer=-1", "method.shrinkage=auto"])
+    learn(dl)
+    learn(ncm)
+    assert list(dl.method.memories) == ["blocks.1.attn.qkv"]  # the 2-block test ViT: block 1 only
+    assert dl.model.adapted["blocks.0.attn.qkv"].merged == [] and len(dl.model.adapted["blocks.1.attn.qkv"].merged) == 2
+    gate = dl.method.signatures["gate"]
+    assert gate.shrinks() and gate.count == 80  # every image; 78 degrees of freedom for 64 dimensions
+    # nothing trained moves the gate's features: its statistics and task posterior are ncm-gate's on the untouched
+    # backbone (with the same shrinkage)
+    assert torch.allclose(gate.means, ncm.method.signatures.means, atol=1e-5)
+    assert torch.allclose(gate.scatter, ncm.method.signatures.scatter, rtol=1e-5, atol=1e-8)
+    x = make_data([7, 3, 0, 9], 3, seed=11).tensors[0]
+    with torch.no_grad():
+        out = dl.method.infer(x)
+        assert torch.allclose(out.task_posterior, ncm.method.infer(x).task_posterior, atol=1e-5)
+    assert dl.method.signatures["classes"].num_tasks == 2
+    assert torch.allclose(out.probs.sum(1), torch.ones(len(x)), atol=1e-5)
+
+
 def test_ncm_all_appends_the_final_feature_to_every_blocks_gate_tokens():
     learner = make_learner("ncm-gate", ["method.gate_layer=-1", "method.ncm_final=true"], backbone=small_backbone(3))
     x = make_data(TASKS[0], 3, seed=4).tensors[0]
@@ -678,7 +704,7 @@ def test_ncm_all_appends_the_final_feature_to_every_blocks_gate_tokens():
 
 def test_duallora_heads_plus_gate_multiplies_the_within_task_softmaxes():
     overrides = ["method.gate_layer=1", r"method.adapted_modules=[blocks\.1\.attn\.qkv]"]
-    plain = make_learner("duallora", overrides)
+    plain = make_learner("duallora", overrides + ["method.class_scores=heads"])
     learn(plain)
     both = make_learner("duallora", overrides + ["method.class_scores=heads+gate"])
     both.method.load_state_tensors(plain.method.state_tensors())
@@ -698,7 +724,7 @@ def test_duallora_heads_plus_gate_multiplies_the_within_task_softmaxes():
         live = b.probs[:, lo:hi].sum(1) > 1e-12
         assert torch.allclose(got[live], want[live], atol=1e-4)
     with pytest.raises(ConfigError, match="class_scores"):
-        load_config(None, ["method.gate=soft", "method.class_scores=heads+gate"])
+        load_config(None, ["method.gate=soft", "method.protect_gate=false", "method.class_scores=heads+gate"])
 
 
 def test_duallora_head_over_gate_trains_heads_on_top_of_the_gate_class_scores():
@@ -720,7 +746,7 @@ def test_duallora_head_over_gate_trains_heads_on_top_of_the_gate_class_scores():
         want = over.model.head_logits(over.model.features(x), 1) - sig_over.class_distances(z)[:, 2:4] / 0.02
     assert torch.allclose(got, want, atol=1e-4)
     with pytest.raises(ConfigError, match="head_over_gate"):
-        load_config(None, ["method.head_over_gate=true", "method.class_scores=heads+gate"])
+        load_config(None, ["method.head_over_gate=true", "method.protect_gate=false", "method.class_scores=heads+gate"])
 
 
 def adapted_class_features(learner: ContinualLearner, x: torch.Tensor) -> torch.Tensor:
@@ -740,8 +766,8 @@ def adapted_class_features(learner: ContinualLearner, x: torch.Tensor) -> torch.
 
 def test_duallora_stats_class_scores_are_ncm_all_statistics_of_the_adapted_model():
     overrides = ["method.gate_layer=1", r"method.adapted_modules=[blocks\.1\.attn\.qkv]", "method.stat_images=null"]
-    stats = make_learner("duallora", overrides + ["method.class_scores=stats"])
-    plain = make_learner("duallora", overrides)
+    stats = make_learner("duallora", overrides + ["method.class_scores=stats", "method.class_tau=null"])
+    plain = make_learner("duallora", overrides + ["method.class_scores=heads"])
     learn(stats)
     learn(plain)
     # gathering the class statistics changes no training step: the same adapters and heads
@@ -767,7 +793,7 @@ def test_duallora_stats_class_scores_are_ncm_all_statistics_of_the_adapted_model
         assert live.any()
         assert torch.allclose(got[live], torch.softmax(scores[:, lo:hi], 1)[live], atol=1e-4)
     # a checkpoint round-trip keeps them; the heads-only model lacks them, so no run derives one from the other
-    again = make_learner("duallora", overrides + ["method.class_scores=stats"])
+    again = make_learner("duallora", overrides + ["method.class_scores=stats", "method.class_tau=null"])
     again.method.load_state_tensors(stats.method.state_tensors())
     again.task_classes = stats.task_classes
     with torch.no_grad():
@@ -799,7 +825,8 @@ def test_duallora_stats_class_scores_are_ncm_all_statistics_of_the_adapted_model
                                                                  + ["method.class_scores=stats", key]))
     # without adapted statistics they change only the prediction
     assert inference_only_change(plain.cfg, load_config(None, BASE + ["method.name=duallora"] + overrides
-                                                        + ["method.shrinkage=oas", "method.tau_id=0.05"]))
+                                                        + ["method.class_scores=heads", "method.shrinkage=oas",
+                                                           "method.tau_id=0.05"]))
 
 
 def test_duallora_drift_compensation_moves_old_class_means_by_the_new_tasks_drift():
@@ -818,7 +845,7 @@ def test_duallora_drift_compensation_moves_old_class_means_by_the_new_tasks_drif
 
     task2 = make_data(TASKS[1], 20, seed=1)
     before = adapted_class_features(comp, task2.tensors[0])
-    ref = TaskSignatures(sig.dim, score="mahalanobis", tau=sig.tau, ridge=sig.ridge)
+    ref = TaskSignatures(sig.dim, score="mahalanobis", tau=sig.tau, ridge=sig.ridge, shrinkage=sig.shrinkage)
     ref.load("s.", sig.state("s."))
     comp.learn_task(task2, TASKS[1])
     plain.learn_task(task2, TASKS[1])
@@ -830,4 +857,4 @@ def test_duallora_drift_compensation_moves_old_class_means_by_the_new_tasks_drif
     assert not torch.allclose(sig.means[:2], old, atol=1e-4)
     assert torch.allclose(sig.means[2:], plain.method.signatures["classes"].means[2:], atol=1e-6)
     with pytest.raises(ConfigError, match="drift_compensation"):
-        load_config(None, ["method.drift_compensation=true"])
+        load_config(None, ["method.drift_compensation=true", "method.class_scores=heads"])

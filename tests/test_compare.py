@@ -134,7 +134,7 @@ def test_spec_forms_and_relative_config(tmp_path):
     (tmp_path / "other.yaml").write_text("train:\n  epochs: 3\n")
     spec = load_spec(write_spec(tmp_path / "spec.yaml", (
         "config: sub/base.yaml\nseeds: [4, 2]\noverrides: [train.batch_size=16]\n"
-        "variants:\n  plain:\n  listed: [method.gate=soft]\n"
+        "variants:\n  plain:\n  listed: [method.gate=soft, method.protect_gate=false]\n"
         "  mapped: {config: other.yaml, overrides: [method.name=frozen]}\n")))
     assert spec.seeds == (4, 2) and [v.name for v in spec.variants] == ["plain", "listed", "mapped"]
     runs = plan_compare(spec, tmp_path / "out", extra_overrides=["train.batch_size=8"])
@@ -149,10 +149,12 @@ def test_spec_forms_and_relative_config(tmp_path):
 
 
 def test_a_command_line_override_of_a_variant_key_wins_with_a_note(tmp_path):
-    spec = load_spec(write_spec(tmp_path / "spec.yaml", "variants: {soft: [method.gate=soft], plain: []}\n"))
+    spec = load_spec(write_spec(tmp_path / "spec.yaml",
+                                "variants: {soft: [method.gate=soft, method.protect_gate=false], plain: []}\n"))
     notes = []
-    runs = plan_compare(spec, tmp_path / "out", extra_overrides=["method.gate=hard"], echo=notes.append)
-    assert notes == ["note: the command-line overrides replace method.gate of variant 'soft'"]
+    runs = plan_compare(spec, tmp_path / "out", extra_overrides=["method.gate=hard", "method.protect_gate=false"],
+                        echo=notes.append)
+    assert notes == ["note: the command-line overrides replace method.gate, method.protect_gate of variant 'soft'"]
     assert all(r.cfg.method.gate == "hard" for r in runs)
 
 
@@ -401,8 +403,8 @@ def test_interrupted_compare_leaves_a_summary_and_resumes(finished, tmp_path, mo
 def test_inference_only_variants_are_derived_and_equal_trained_runs(finished, tmp_path, tiny):
     _, out = copy_of(finished, tmp_path)
     variants = {"duallora": [], "frozen": ["method.name=frozen"],
-                "no-calibration": ["method.calibration=none"], "task-id-cosine": ["method.task_id_score=cosine"],
-                "gate-hard": ["method.gate=hard"]}  # a training change: never derived
+                "no-calibration": ["method.calibration=none"], "class-tau": ["method.class_tau=0.01"],
+                "gate-hard": ["method.gate=hard", "method.protect_gate=false"]}  # a training change: never derived
     spec = tiny_spec(tmp_path / "spec.yaml", tiny, variants, seeds=(0,))
     dry = invoke("compare", spec, "-o", out, "--seeds", "0", "--dry-run")
     assert dry.exit_code == 0, dry.output
@@ -410,7 +412,7 @@ def test_inference_only_variants_are_derived_and_equal_trained_runs(finished, tm
     result = invoke("compare", spec, "-o", out, "--seeds", "0")
     assert result.exit_code == 0, result.output
     assert result.output.count("inference-only change from duallora") == 2
-    for name in ("no-calibration", "task-id-cosine"):
+    for name in ("no-calibration", "class-tau"):
         m = json.loads((out / "runs" / name / "seed-0" / "metrics.json").read_text())
         assert m["derived_from"] == "../../duallora/seed-0"  # relative: the compare folder can move
         assert m["train_time_s"] == json.loads((out / "runs/duallora/seed-0/metrics.json").read_text())["train_time_s"]
@@ -432,11 +434,11 @@ def test_inference_only_variants_are_derived_and_equal_trained_runs(finished, tm
     assert record["checkpoint"].endswith("task_2.safetensors") and "duallora" in record["checkpoint"]
     # trained from scratch (--no-derive) they give the same accuracy matrices, to the bit
     trained = tmp_path / "trained"
-    result = invoke("compare", spec, "-o", trained, "--seeds", "0", "--only", "no-calibration,task-id-cosine",
+    result = invoke("compare", spec, "-o", trained, "--seeds", "0", "--only", "no-calibration,class-tau",
                     "--no-derive")
     assert result.exit_code == 0, result.output
     assert "inference-only change" not in result.output
-    for name in ("no-calibration", "task-id-cosine"):
+    for name in ("no-calibration", "class-tau"):
         a = json.loads((out / "runs" / name / "seed-0" / "metrics.json").read_text())
         b = json.loads((trained / "runs" / name / "seed-0" / "metrics.json").read_text())
         assert a["accuracy_matrix"] == b["accuracy_matrix"]

@@ -41,7 +41,7 @@ def test_overrides_are_typed_and_applied():
 
 
 def test_yaml_and_dict_round_trip(tmp_path):
-    cfg = load_config(None, ["train.epochs=1", "method.gate=hard"])
+    cfg = load_config(None, ["train.epochs=1", "method.gate=hard", "method.protect_gate=false"])
     p = tmp_path / "c.yaml"
     p.write_text(to_yaml(cfg))
     assert load_config(p) == cfg

@@ -211,7 +211,7 @@ def test_register_placement_refuses_bad_declarations(args, fragment):
 # ---------------------------------------------------------------------- a new named placement
 def test_registered_placement_works_through_load_config_and_the_learner(extra_placement):
     assert extra_placement in ADAPTABLE_MODULES
-    learner = learner_for([f"method.adapted_modules=[qkv,{extra_placement}]"])
+    learner = learner_for([f"method.adapted_modules=[qkv,{extra_placement}]", "method.protect_gate=false"])
     assert names(learner.model) == ["blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.1.attn.qkv",
                                     "blocks.1.attn.proj"]
     assert names(learner.model) == names(adapted(["qkv", "proj"]))

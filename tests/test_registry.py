@@ -8,6 +8,7 @@ method runs with its defaults.
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -28,8 +29,8 @@ from duallora.methods import (
     register_method,
     unregister_method,
 )
-from duallora.methods.options import TAU_ID, positive_int
-from duallora.methods.registry import all_options
+from duallora.methods.options import SHRINKAGE, TAU_ID, positive_int
+from duallora.methods.registry import all_options, method_defaults
 from duallora.training import ContinualLearner
 from tests.synthetic import SMALL_TRAINING, TASKS, images_of, make_data, small_backbone
 
@@ -106,9 +107,50 @@ def test_config_is_derived_from_the_registry():
 
 
 def test_default_yaml_lists_every_method_key_in_schema_order():
-    raw = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
-    assert list(raw["method"]) == [f.name for f in dataclasses.fields(config.MethodConfig)]
-    assert load_config(ROOT / "configs" / "default.yaml") == load_config(None)
+    """Every method key is in configs/default.yaml in schema order: set, or commented out (``# key:``)
+    exactly when some method has its own default for it; the file then gives every method its defaults."""
+    text = (ROOT / "configs" / "default.yaml").read_text()
+    raw = yaml.safe_load(text)
+    section = text.split("\nmethod:\n", 1)[1].split("\ntrain:\n", 1)[0]
+    listed = [m.group(2) for m in re.finditer(r"^  (# )?(\w+):", section, flags=re.M)]
+    commented = {m.group(1) for m in re.finditer(r"^  # (\w+):", section, flags=re.M)}
+    assert listed == [f.name for f in dataclasses.fields(config.MethodConfig)]
+    per_method = {k for n in METHODS for k in get_method(n).option_defaults}
+    assert commented == per_method == {"gate_layer", "protect_gate", "stat_images", "class_scores", "class_tau",
+                                       "shrinkage"}
+    assert set(raw["method"]) == set(listed) - commented
+    for name in METHODS:
+        assert load_config(ROOT / "configs" / "default.yaml", [f"method.name={name}"]) == \
+            load_config(None, [f"method.name={name}"]), name
+
+
+def test_each_method_gets_its_own_defaults_unless_the_config_sets_the_key(tmp_path):
+    # DualLoRA's own defaults (docs/method.md, "Defaults"); the declared defaults for the others
+    ours = load_config(None).method
+    assert (ours.gate_layer, ours.protect_gate, ours.class_scores, ours.class_tau, ours.stat_images, ours.shrinkage) \
+        == (-1, True, "stats", 0.001, None, "auto")
+    assert method_defaults("duallora")["gate_layer"] == -1 and method_defaults("ncm-gate")["gate_layer"] == 2
+    ncm = load_config(None, ["method.name=ncm-gate"]).method
+    assert (ncm.gate_layer, ncm.shrinkage) == (2, "none")
+    assert load_config(None, ["method.name=inflora"]).method.stat_images == 2000
+    assert load_config(None, ["method.name=frozen", "method.task_posterior=gate"]).method.gate_layer == 2
+    # an override or a file key wins, whatever its value (also the declared default)
+    assert load_config(None, ["method.gate_layer=2", "method.protect_gate=false"]).method.gate_layer == 2
+    preset = tmp_path / "p.yaml"
+    preset.write_text("method:\n  class_scores: heads\n  stat_images: 2000\n")
+    cfg = load_config(preset).method
+    assert (cfg.class_scores, cfg.stat_images, cfg.class_tau) == ("heads", 2000, 0.001)
+    # a stored config is read as stored: a key it lacks means the declared default (the behaviour before it)
+    stored = to_dict(load_config(None))
+    del stored["method"]["class_scores"]
+    assert from_dict(stored).method.class_scores == "heads"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(stored))
+    assert load_config(tmp_path / "config.yaml", stored=True).method.class_scores == "heads"
+    assert load_config(tmp_path / "config.yaml").method.class_scores == "stats"  # as a preset
+    # a method's own default that conflicts with another key set by the user names the fix
+    with pytest.raises(ConfigError, match="DualLoRA's default.*add method.protect_gate=false"):
+        load_config(None, ["method.gate=soft"])
+    assert load_config(None, ["method.gate=soft", "method.protect_gate=false"]).method.gate == "soft"
 
 
 def test_unknown_method_lists_the_registered_ones():
@@ -139,6 +181,10 @@ def _method(name: str, **attrs) -> type:
     (_method("x-key", uses_adapters=False, options={"name": Option(1, "reserved")}), ValueError,
      "cannot be a method option"),
     (_method("x-type", uses_adapters=False, options={"k": 3}), TypeError, "must be an Option"),
+    (_method("x-own", uses_adapters=False, options={"tau_id": TAU_ID}, option_defaults={"ridge": 1.0}), ValueError,
+     "option_defaults sets 'ridge', which is not among its options"),
+    (_method("x-choice", uses_adapters=False, options={"shrinkage": SHRINKAGE}, option_defaults={"shrinkage": "lw"}),
+     ValueError, "option_defaults\\['shrinkage'\\]='lw' is not one of"),
     (int, TypeError, "ContinualMethod subclass"),
 ])
 def test_bad_declarations_are_refused(cls, error, fragment):

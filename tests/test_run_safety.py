@@ -249,13 +249,16 @@ def test_divergence_hint_without_the_command_copies_the_config_out_first(tmp_pat
 def test_diverged_run_shows_a_new_run_with_overwrite_that_works(tmp_path):
     images = make_images(tmp_path / "img")
     out = tmp_path / "run"
-    r = invoke("run", "-o", str(out), *tiny(images), "train.lr=1e9")
+    # adapters in every block (not only the last, DualLoRA's default): lr 1e9 then blows up the features
+    every_block = ["method.protect_gate=false", "method.gate_layer=1"]
+    r = invoke("run", "-o", str(out), *tiny(images), *every_block, "train.lr=1e9")
     assert r.exit_code == 2, r.output
     assert "--resume" not in r.output
     assert "training diverged at train.lr=1e+09: resuming would repeat it" in r.output
     assert f"--overwrite (which discards the unfinished run in {out}.partial)" in r.output
     command = r.output.split("`")[1]
-    assert command == "duallora run " + shlex.join(["-o", str(out), "--overwrite", *tiny(images), "train.lr=0.0005"])
+    assert command == "duallora run " + shlex.join(["-o", str(out), "--overwrite", *tiny(images), *every_block,
+                                                    "train.lr=0.0005"])
     assert Path(f"{out}.partial").is_dir()
     r = invoke(*shlex.split(command)[1:])  # the command shown, as given
     assert r.exit_code == 0, r.output

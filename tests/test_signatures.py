@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from duallora.signatures import TaskSignatures, oas_coefficient, semantic_drift
+from duallora.signatures import AUTO_OAS_BELOW, TaskSignatures, oas_coefficient, semantic_drift
 
 F64 = torch.float64
 
@@ -277,3 +277,25 @@ def test_oas_shrinkage_helps_the_nearest_class_mean_with_fewer_images_than_dimen
         accuracy[shrinkage] = float((sig.class_distances(x_test).argmin(1) == y_test).double().mean())
     assert accuracy["none"] == pytest.approx(0.814, abs=1e-9)
     assert accuracy["oas"] == pytest.approx(0.877, abs=1e-9)
+
+
+def test_auto_shrinkage_shrinks_below_two_degrees_of_freedom_per_dimension_and_not_above():
+    # 4 dimensions, one class per task: degrees of freedom after t tasks of n images = t * (n - 1).
+    # auto equals oas while dof < 2 * 4 = 8 and none from 8 on (AUTO_OAS_BELOW).
+    assert AUTO_OAS_BELOW == 2.0
+    g = torch.Generator().manual_seed(1)
+    scale = torch.tensor([3.0, 1.0, 0.5, 0.2], dtype=F64)
+    sigs = {s: TaskSignatures(4, shrinkage=s) for s in ("none", "oas", "auto")}
+    x = torch.randn(5, 4, generator=g, dtype=F64)
+    seen = []
+    for task in range(3):  # 4 images per task: dof 3, 6, 9
+        z = torch.randn(4, 4, generator=g, dtype=F64) * scale + task
+        for sig in sigs.values():
+            add_task(sig, z, torch.zeros(4, dtype=torch.long), 1)
+        d = {s: sig.class_distances(x) for s, sig in sigs.items()}
+        shrinks = sigs["auto"].shrinks()
+        seen.append(shrinks)
+        assert torch.equal(d["auto"], d["oas"] if shrinks else d["none"])
+        assert not torch.allclose(d["oas"], d["none"])
+    assert seen == [True, True, False]
+    assert sigs["oas"].shrinks() and not sigs["none"].shrinks()

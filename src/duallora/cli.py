@@ -136,12 +136,12 @@ def run(
     if resume is not None and config is None and overrides:
         # overrides on a resumed run apply to the run's own config (and must not change its results)
         stored = Path(str(resume) + ".partial") / "config.yaml"
-        cfg = load_config(stored if stored.is_file() else None, overrides)
+        cfg = load_config(stored if stored.is_file() else None, overrides, stored=stored.is_file())
     elif resume is not None and not given:
         stored = Path(str(resume) + ".partial") / "config.yaml"
         cfg = None
         if print_config and stored.is_file():
-            cfg = load_config(stored)
+            cfg = load_config(stored, stored=True)
     else:
         cfg = load_config(config, overrides or [])
     if print_config:

@@ -106,7 +106,10 @@ def _build_method_config(options: dict[str, Option]) -> type:
     readers = {k: [n for n in method_registry.method_names() if k in method_registry.method_options(n)]
                for k in options}
     lines = [f"    name: the method: {' | '.join(method_registry.method_names())} (default {DEFAULT_METHOD})."]
-    lines += [f"    {k}: {opt.help} (default {opt.default!r}; read by {', '.join(readers[k])})."
+    own = {k: [f"{n}: {method_registry.get_method(n).option_defaults[k]!r}" for n in readers[k]
+               if k in method_registry.get_method(n).option_defaults] for k in options}
+    lines += [f"    {k}: {opt.help} (default {opt.default!r}"
+              f"{''.join('; ' + d for d in own[k])}; read by {', '.join(readers[k])})."
               for k, opt in options.items()]
     cls.__doc__ = ("The continual-learning method and its options (method.md), derived from the methods' "
                    "declarations (duallora.methods).\n\nAttributes:\n" + "\n".join(lines) + "\n")
@@ -494,12 +497,18 @@ def missing_keys(path: str | Path) -> list[str]:
     return [k for k in out if k not in COMPATIBLE_ADDITIONS]
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, stored: bool = False) -> RunConfig:
     """Build a validated :class:`RunConfig` from defaults, an optional YAML file and overrides.
+
+    The chosen method gets its own defaults (``option_defaults``) for the keys neither the file nor an
+    override sets, unless ``stored``.
 
     Args:
         path: YAML preset (same tree as :class:`RunConfig`); None = defaults only.
         overrides: ``key=value`` strings with dotted keys, e.g. ``["train.epochs=1", "seed=3"]``.
+        stored: ``path`` is a run's stored ``config.yaml``: a key it lacks was added after the run
+            and takes its declared default (the behaviour from before it existed,
+            :data:`COMPATIBLE_ADDITIONS`), not the method's own default.
 
     Raises:
         ConfigError: missing/unreadable file, unknown key, wrong type or out-of-range value.
@@ -532,10 +541,30 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         except OmegaConfBaseException as exc:
             raise _friendly(exc, "the command-line overrides") from exc
+    if not stored:
+        merged = _apply_method_defaults(merged, file_cfg if path is not None else None, overrides or [])
     cfg = OmegaConf.to_object(merged)
     assert isinstance(cfg, RunConfig)
     _reset_unused_file_keys(cfg, overrides or [])
     return validate(cfg)
+
+
+def _apply_method_defaults(merged: DictConfig, file_cfg: Optional[DictConfig], overrides: list[str]) -> DictConfig:
+    """Give the chosen method its own defaults (``option_defaults`` of its class) for the keys that
+    neither the file's ``method`` section nor an override sets; every other key keeps the option's
+    declared default. Unknown method names are left to :func:`validate`."""
+    name = merged.method.name
+    if name not in method_registry.method_names():
+        return merged
+    own = method_registry.get_method(name).option_defaults
+    if not own:
+        return merged
+    given = {item.split("=", 1)[0].strip() for item in overrides}
+    section = file_cfg.get("method") if file_cfg is not None else None
+    if isinstance(section, DictConfig):
+        given |= {f"method.{k}" for k in section.keys()}
+    unset = {k: v for k, v in own.items() if f"method.{k}" not in given}
+    return OmegaConf.merge(merged, {"method": unset}) if unset else merged
 
 
 def _reset_unused_file_keys(cfg: RunConfig, overrides: list[str]) -> None:

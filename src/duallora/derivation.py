@@ -93,7 +93,7 @@ def derive_run(source: Path, cfg: RunConfig, output: Path, *, overwrite: bool = 
     source = Path(source)
     if not (source / "metrics.json").is_file():
         raise CheckpointError(f"{source} is not a finished run (no metrics.json)")
-    stored = config_mod.load_config(source / "config.yaml")
+    stored = config_mod.load_config(source / "config.yaml", stored=True)
     if not inference_only_change(stored, cfg):
         raise CheckpointError(f"{source} trained a different model than the config given; run it instead")
     files = find_checkpoints(source / "checkpoints")

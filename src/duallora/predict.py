@@ -397,7 +397,7 @@ def load_predictor(path: str | Path, *, device: Optional[str] = None, threads: O
     ckpt, run, config_file = resolve_checkpoint(path)
     _, meta = ContinualLearner.read_checkpoint(ckpt)
     if config_file is not None:
-        stored = config_mod.to_dict(config_mod.load_config(config_file))
+        stored = config_mod.to_dict(config_mod.load_config(config_file, stored=True))
     else:
         stored = meta["config"]
     stored["train"]["progress"] = False

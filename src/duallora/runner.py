@@ -140,7 +140,7 @@ def _resume_config(cfg: Optional[RunConfig], output: Optional[Path]) -> tuple[Ru
     stored_path = rundir.path / "config.yaml"
     if not stored_path.is_file():
         raise CheckpointError(f"{rundir.path} has no config.yaml; it was not started by `duallora run`")
-    stored = config_mod.load_config(stored_path)
+    stored = config_mod.load_config(stored_path, stored=True)
     older = [k for k in config_mod.missing_keys(stored_path) if tuple(k.split(".", 1)) not in RESUME_IGNORED_KEYS]
     if older:
         raise CheckpointError(

@@ -14,7 +14,9 @@ with S the pooled within-class covariance and ridge = ``ridge * tr(S) / D`` (num
 only). With ``shrinkage="oas"`` S is first shrunk toward a scaled identity,
 ``S <- (1 - rho) S + rho tr(S) / D I``, with the Oracle Approximating Shrinkage coefficient rho of
 :func:`oas_coefficient` (estimated from S and its degrees of freedom: near 0 with many images per
-dimension, near 1 with few; docs/method.md, "Covariance shrinkage").
+dimension, near 1 with few; docs/method.md, "Covariance shrinkage"). ``shrinkage="auto"`` applies it only
+while the pooled covariance rests on fewer than :data:`AUTO_OAS_BELOW` degrees of freedom per dimension
+(images minus classes, < 2 D), and none above (chosen on validation data, docs/method.md).
 Options: ``cosine`` (d_c = 1 - cos(z, mu_c)) and ``subspace`` (d_j = 1 - ||Q_j^T z||^2/||z||^2
 with Q_j the top-q eigenvectors of task j's feature second moment).
 """
@@ -30,7 +32,12 @@ from duallora import distributed
 
 SCORES = ("mahalanobis", "cosine", "subspace")
 #: ``shrinkage`` values of :class:`TaskSignatures`.
-SHRINKAGES = ("none", "oas")
+SHRINKAGES = ("none", "oas", "auto")
+#: ``shrinkage="auto"`` shrinks (OAS) while the pooled covariance's degrees of freedom (images minus
+#: classes) are below this many per dimension: on the three validation splits of docs/method.md
+#: ("Covariance shrinkage") OAS helped at 0.2-1.2 per dimension (small data) and cost 0.4-1.2 points
+#: at 3 and more (the two benchmarks with hundreds of images per class).
+AUTO_OAS_BELOW = 2.0
 
 
 def oas_coefficient(cov: torch.Tensor, n: int) -> float:
@@ -74,8 +81,10 @@ class TaskSignatures:
         tau: temperature of the task posterior (> 0).
         ridge: ridge relative to the mean eigenvalue of the pooled covariance.
         subspace_dims: q, directions per task for ``score="subspace"``.
-        shrinkage: ``none`` | ``oas``: shrink the pooled covariance toward a scaled identity with the
-            Oracle Approximating Shrinkage coefficient (:func:`oas_coefficient`) before the ridge.
+        shrinkage: ``none`` | ``oas`` | ``auto``: shrink the pooled covariance toward a scaled identity
+            with the Oracle Approximating Shrinkage coefficient (:func:`oas_coefficient`) before the
+            ridge; ``auto``: only while its degrees of freedom are below ``AUTO_OAS_BELOW * dim``
+            (:meth:`shrinks`).
 
     Raises:
         ValueError: unknown score or shrinkage, or non-positive tau.
@@ -149,6 +158,14 @@ class TaskSignatures:
         self.means = self.means + delta.to(torch.float64)
         self._cache = None
 
+    def shrinks(self) -> bool:
+        """Whether the Mahalanobis score shrinks the pooled covariance now: always for ``oas``, never for
+        ``none``; for ``auto`` while its degrees of freedom (images minus classes so far) are below
+        ``AUTO_OAS_BELOW * dim``."""
+        if self.shrinkage == "auto":
+            return self.count - self.means.shape[0] < AUTO_OAS_BELOW * self.dim
+        return self.shrinkage == "oas"
+
     # ------------------------------------------------------------------ scoring
     def _prepare(self, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         if self._cache is not None and self._cache["means"].device == device and self._cache["means"].dtype == dtype:
@@ -163,7 +180,7 @@ class TaskSignatures:
             cov = self.scatter / dof
             cov = 0.5 * (cov + cov.T)
             mean_eig = float(torch.trace(cov)) / self.dim
-            if self.shrinkage == "oas" and mean_eig > 0:
+            if self.shrinks() and mean_eig > 0:
                 rho = oas_coefficient(cov, dof)
                 cov = (1.0 - rho) * cov + rho * mean_eig * torch.eye(self.dim, dtype=torch.float64)
             # the ridge keeps the matrix invertible; a floor covers a degenerate site (e.g. a class

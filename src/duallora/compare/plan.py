@@ -93,7 +93,7 @@ def stored_differences(folder: Path, cfg: RunConfig) -> list[str]:
     if not path.is_file():
         return [f"{path} is missing"]
     try:
-        stored = load_config(path)
+        stored = load_config(path, stored=True)
         missing = missing_keys(path)
     except ConfigError as exc:
         return [f"its config.yaml cannot be read by this version ({exc})"]

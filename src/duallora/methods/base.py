@@ -107,6 +107,11 @@ class ContinualMethod(nn.Module):
         name: the ``method.name`` that selects the method.
         options: the ``method.*`` keys the method reads, ``{key: Option}``; any other key must keep
             its default (``config.check_method_keys``).
+        option_defaults: this method's own default for some of its options, ``{key: value}``, where it
+            differs from the option's declared default (which stays what a stored config without the
+            key means, and what the other methods that read the key get). A config that sets the key
+            (in its file or an override) keeps its value; ``config.load_config`` applies these only
+            to the keys it leaves unset (docs/method.md, "Defaults").
         trains: False for methods without trainable parameters (statistics classifiers): the loop
             runs no epoch and builds no optimiser; :meth:`param_groups` must then be empty.
         uses_adapters: the learner wraps the layers ``method.adapted_modules`` names
@@ -123,6 +128,7 @@ class ContinualMethod(nn.Module):
 
     name: ClassVar[str] = "base"
     options: ClassVar[dict[str, Option]] = {}
+    option_defaults: ClassVar[dict[str, Any]] = {}
     trains: ClassVar[bool] = True
     uses_adapters: ClassVar[bool] = True
 

@@ -50,7 +50,8 @@ def _gate_for_class_scores(key: str, value: Any, cfg: Any) -> Optional[str]:
 def _protect_needs_shared(key: str, value: Any, cfg: Any) -> Optional[str]:
     """``protect_gate`` protects the shared gate's features: only with ``gate=shared``."""
     if value and cfg.gate != "shared":
-        return "method.protect_gate=true needs method.gate=shared (per-layer gates read every adapted layer)"
+        return ("method.protect_gate=true (DualLoRA's default) needs method.gate=shared: per-layer gates read every "
+                "adapted layer; with method.gate=soft or hard add method.protect_gate=false")
     return None
 
 
@@ -100,7 +101,8 @@ class DualLoRA(ContinualMethod):
 
     Gates (``gate``):
 
-    * ``shared`` (default): one posterior ``p(j | x)`` per image, computed at block ``gate_layer``'s
+    * ``shared`` (default; with DualLoRA's defaults ``gate_layer=-1`` and ``protect_gate``: features of every
+      block, adapters in the last block only): one posterior ``p(j | x)`` per image, computed at block ``gate_layer``'s
       first LayerNorm from features that no residual adapter has touched; residual adapters sit only
       in blocks ``>= gate_layer`` and all use it. Its features are the mean ``norm1`` output tokens
       of blocks ``0..gate_layer``, concatenated (B, (L+1) D): the features of ``ncm-gate`` and of the
@@ -111,12 +113,13 @@ class DualLoRA(ContinualMethod):
     * ``soft`` / ``hard``: every adapted layer computes its own posterior (or its argmax) from its
       own statistics, residual adapters in every block (method.md's literal reading).
 
-    Within-task class scores (``class_scores``): the heads' logits (default); plus the gate's class scores
+    Within-task class scores (``class_scores``): the heads' logits; plus the gate's class scores
     ``-d_c / tau_id`` (``heads+gate``); or Mahalanobis class scores of the *adapted* model's features (every
     block's mean ``norm1`` tokens and the final feature, ``ncm-all``'s feature set, gathered under the
     inference gating at the end of each task), alone (``stats``) or added to the logits (``heads+stats``),
-    as ``-d_c / class_tau`` (default ``class_tau=None``: ``tau_id``). The class scores' temperature sets how
-    sharp the within-task softmax is next to the task posterior in the ``product`` calibration: too soft,
+    as ``-d_c / class_tau`` (DualLoRA's default ``stats`` at ``class_tau=0.001``; ``class_tau=None``: ``tau_id``).
+    The class scores' temperature sets how sharp the within-task softmax is next to the task posterior in the
+    ``product`` calibration: too soft,
     and a confident wrong task with well separated classes outweighs the true task with look-alike classes
     (docs/method.md, "The class scores' temperature").
 
@@ -176,6 +179,13 @@ class DualLoRA(ContinualMethod):
                                         "scores, so they learn a correction of the training-free scores; needs "
                                         "protect_gate and class_scores=heads+gate", check=_head_over_gate_needs),
     }
+    #: DualLoRA's own defaults (2026-12-07; chosen on validation data, docs/method.md "Defaults"): the shared
+    #: gate reads every block (``gate_layer=-1``) and no adapter moves it (adapters in the last block only),
+    #: class scores from the adapted model's statistics over every training image at ``class_tau=0.001``,
+    #: covariance shrinkage while the statistics rest on few images. The options' declared defaults stay
+    #: the behaviour of configs stored before these existed (and ``ncm-gate``'s and the heads' gate).
+    option_defaults = {"gate_layer": -1, "protect_gate": True, "class_scores": "stats", "class_tau": 0.001,
+                       "stat_images": None, "shrinkage": "auto"}
 
     def __init__(self, model: AdaptedViT, cfg: MethodConfig, seed: int = 0) -> None:
         super().__init__(model, cfg, seed)

@@ -166,5 +166,6 @@ GATE_LAYER = Option(2, "gate=shared (duallora) / ncm-gate: features are the mean
                         "residual adapters in blocks >= gate_layer (negative: counted from the last block)")
 RIDGE = Option(1e-4, "ridge added to the pooled covariance, relative to its mean eigenvalue")
 SHRINKAGE = Option("none", "pooled covariance of the Mahalanobis statistics shrunk toward a scaled identity: none | "
-                           "oas (Oracle Approximating Shrinkage, coefficient estimated from the data; docs/method.md)",
-                   choices=("none", "oas"))
+                           "oas (Oracle Approximating Shrinkage, coefficient estimated from the data) | auto (oas "
+                           "while it rests on fewer than 2 images per dimension, else none; docs/method.md)",
+                   choices=("none", "oas", "auto"))

@@ -42,7 +42,9 @@ def register_method(cls: type[ContinualMethod]) -> type[ContinualMethod]:
     * ``cls`` subclasses :class:`ContinualMethod` and its ``name`` is a new, non-empty string;
     * ``options`` maps identifiers (not ``name``) to :class:`Option`; a key another registered method
       declares too must agree with it on default, type and choices;
-    * ``uses_adapters`` is True exactly when ``adapted_modules`` is among the options.
+    * ``uses_adapters`` is True exactly when ``adapted_modules`` is among the options;
+    * ``option_defaults`` names only keys among ``options``, each value one of the option's
+      ``choices`` (if it has any).
 
     Raises:
         TypeError: ``cls`` is not a ContinualMethod subclass or an option is not an ``Option``.
@@ -68,6 +70,12 @@ def register_method(cls: type[ContinualMethod]) -> type[ContinualMethod]:
                 f"choices={opt.choices}, but {owner!r} declares it as default={known[key].default!r}, "
                 f"type={known[key].type!r}, choices={known[key].choices}; share one declaration"
             )
+    for key, value in cls.option_defaults.items():
+        if key not in cls.options:
+            raise ValueError(f"{cls.__name__}.option_defaults sets {key!r}, which is not among its options")
+        if cls.options[key].choices and value not in cls.options[key].choices:
+            raise ValueError(f"{cls.__name__}.option_defaults[{key!r}]={value!r} is not one of "
+                             f"{cls.options[key].choices}")
     if cls.uses_adapters != ("adapted_modules" in cls.options):
         raise ValueError(f"{cls.__name__}: uses_adapters={cls.uses_adapters} but adapted_modules is "
                          f"{'not ' if cls.uses_adapters else ''}among its options; a method that uses adapters "
@@ -113,6 +121,17 @@ def method_options(name: str) -> Mapping[str, Option]:
         ConfigError: unknown name.
     """
     return MappingProxyType(get_method(name).options)
+
+
+def method_defaults(name: str) -> dict[str, Any]:
+    """The defaults method ``name`` gets for the options it reads: ``{key: value}``, the option's
+    declared default unless the method's ``option_defaults`` gives its own.
+
+    Raises:
+        ConfigError: unknown name.
+    """
+    cls = get_method(name)
+    return {key: cls.option_defaults.get(key, opt.default) for key, opt in cls.options.items()}
 
 
 def all_options() -> dict[str, Option]:
