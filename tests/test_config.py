@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from duallora.config import MethodConfig, RunConfig, from_dict, load_config, to_dict, to_yaml
 from duallora.errors import ConfigError
@@ -210,3 +211,29 @@ def test_missing_keys_skips_options_the_runs_method_does_not_read(tmp_path):
     stored["method"]["name"] = "fecam"  # fecam reads neither
     path.write_text(yaml.safe_dump(stored))
     assert missing_keys(path) == []
+
+
+def test_an_override_whose_value_is_not_yaml_names_it_and_the_quoting_that_works():
+    with pytest.raises(ConfigError, match=r"override 'method.adapted_modules=\[blocks.*is not valid YAML.*quote"):
+        load_config(None, [r"method.adapted_modules=[blocks\.[0-2]\.attn\.qkv]"])
+    with pytest.raises(ConfigError, match=r"override 'train.lr=\{'"):
+        load_config(None, ["train.lr={"])
+    cfg = load_config(None, [r"method.adapted_modules=['blocks\.[0-2]\.attn\.qkv']"])
+    assert cfg.method.adapted_modules == [r"blocks\.[0-2]\.attn\.qkv"]
+
+
+def test_a_run_folders_config_is_read_as_stored(tmp_path):
+    from duallora.config import is_run_config
+
+    old = to_dict(load_config(None, ["method.gate_layer=2", "method.stat_images=2000"]))
+    for key in ("class_tau", "shrinkage", "class_scores", "protect_gate"):  # keys added after the run was made
+        del old["method"][key]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(old))
+    assert not is_run_config(run / "config.yaml")  # a preset: DualLoRA's own defaults fill the missing keys
+    assert load_config(run / "config.yaml").method.class_tau == 0.001
+    (run / "metrics.json").write_text("{}")
+    assert is_run_config(run / "config.yaml") and not is_run_config(None)
+    m = load_config(run / "config.yaml", stored=True).method
+    assert (m.class_tau, m.shrinkage, m.class_scores, m.protect_gate) == (None, "none", "heads", False)

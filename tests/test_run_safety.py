@@ -456,3 +456,18 @@ def test_overwrite_accepts_a_run_folder_with_tensorboard_logs_and_nothing_else(t
     (run / "tensorboard" / "notes.txt").write_text("mine")
     with pytest.raises(CheckpointError, match="tensorboard/notes.txt"):
         check_replaceable(run)
+
+
+def test_a_config_the_model_refuses_leaves_no_partial_folder(tmp_path):
+    # method.gate_layer outside the backbone's 6 blocks is found when the model is built: before any folder
+    images = make_images(tmp_path / "img")
+    out = tmp_path / "run"
+    r = invoke("run", "-o", str(out), *tiny(images), "method.gate_layer=99")
+    assert r.exit_code == 2 and "method.gate_layer=99 is outside the backbone's 6 blocks" in r.output, r.output
+    assert not out.exists() and not Path(f"{out}.partial").exists()
+    # protect_gate (DualLoRA's default) with adapters only below the gate would adapt nothing: refused, nothing left
+    r = invoke("run", "-o", str(out), *tiny(images), r"method.adapted_modules=[blocks\.0\.attn\.qkv]",
+               "method.use_residual=false")
+    assert r.exit_code == 2 and "DualLoRA would adapt nothing" in r.output and "protect_gate=false" in r.output
+    assert not Path(f"{out}.partial").exists()
+    assert invoke("run", "-o", str(out), *tiny(images)).exit_code == 0  # the same folder, a good config

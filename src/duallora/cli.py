@@ -122,7 +122,7 @@ def run(
     MNIST-pre-trained ViT (a few minutes on 2 CPU cores). Writes config.yaml, class_order.json,
     metrics.json, accuracy_matrix.csv/.png, accuracy_curve.png, history.json and a checkpoint per task.
     """
-    from duallora.config import load_config, to_yaml
+    from duallora.config import is_run_config, load_config, to_yaml
     from duallora.errors import ConfigError
 
     if progress is not None:  # last, so it wins over a train.progress=... among the overrides
@@ -143,7 +143,7 @@ def run(
         if print_config and stored.is_file():
             cfg = load_config(stored, stored=True)
     else:
-        cfg = load_config(config, overrides or [])
+        cfg = load_config(config, overrides or [], stored=is_run_config(config))
     if print_config:
         typer.echo(to_yaml(cfg if cfg is not None else load_config(None)))
         return

@@ -537,6 +537,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 raise ConfigError(
                     f"override {item!r} is not of the form key=value (e.g. train.epochs=1){hint}"
                 )
+        for item in overrides:  # a value YAML cannot parse (e.g. an unquoted regex in a list) names its override
+            try:
+                OmegaConf.from_dotlist([item])
+            except OmegaConfBaseException:
+                pass  # reported with its key by the merge below
+            except Exception as exc:  # yaml's parser and scanner errors
+                raise ConfigError(
+                    f"override {item!r}: its value is not valid YAML ({str(exc).splitlines()[0]}); quote values "
+                    "and list entries that hold brackets, braces, colons or backslashes, e.g. "
+                    "\"method.adapted_modules=['blocks\\.[0-2]\\.attn\\.qkv']\"") from None
         try:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         except OmegaConfBaseException as exc:
@@ -547,6 +557,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     assert isinstance(cfg, RunConfig)
     _reset_unused_file_keys(cfg, overrides or [])
     return validate(cfg)
+
+
+def is_run_config(path: str | Path | None) -> bool:
+    """Whether ``path`` is a run folder's stored ``config.yaml`` (the folder also holds the run's
+    ``class_order.json`` or ``metrics.json``): read it with ``load_config(path, stored=True)`` so that a run
+    made before a key existed is re-run as it was (README, "re-run it with `duallora run --config DIR/config.yaml`")."""
+    if path is None:
+        return False
+    p = Path(path)
+    return p.name == "config.yaml" and any((p.parent / m).is_file() for m in ("class_order.json", "metrics.json"))
 
 
 def _apply_method_defaults(merged: DictConfig, file_cfg: Optional[DictConfig], overrides: list[str]) -> DictConfig:

@@ -203,10 +203,11 @@ class _Run:
                 "(or start again with --overwrite)")
 
 
-def _restore_or_start(run: _Run, model: torch.nn.Module, resume: bool) -> tuple[ContinualLearner, RunState]:
+def _restore_or_start(run: _Run, model: torch.nn.Module, resume: bool,
+                      fresh: Optional[ContinualLearner] = None) -> tuple[ContinualLearner, RunState]:
     """The learner and the measurements to go on from: those of the interrupted run's last checkpoint
-    (``resume``, when it has one), else a new learner (rank 0 then writes ``config.yaml`` and
-    ``class_order.json``).
+    (``resume``, when it has one), else ``fresh`` or a new learner (rank 0 then writes ``config.yaml``
+    and ``class_order.json``).
 
     Raises:
         CheckpointError: the run's data changed since it started (:func:`check_same_data`), or its last
@@ -219,6 +220,8 @@ def _restore_or_start(run: _Run, model: torch.nn.Module, resume: bool) -> tuple[
     if run.main:
         write_text_atomic(run.stage / "config.yaml", config_mod.to_yaml(run.cfg))
         write_json_atomic(run.stage / "class_order.json", class_order_record(run.scenario))
+    if fresh is not None:
+        return fresh, RunState()
     return ContinualLearner(run.cfg, num_tasks=run.scenario.num_tasks, backbone=(model, run.info)), RunState()
 
 
@@ -348,6 +351,9 @@ def run_experiment(cfg: Optional[RunConfig], output: Optional[Path] = None, *, o
     output = Path(output) if output is not None else default_output(cfg)
     model, info = create_backbone(cfg.backbone.name, cfg.backbone.weights)
     scenario = build_scenario(cfg, info)
+    # a new run builds its learner before any folder exists: a config the model refuses (e.g. method.gate_layer
+    # outside the backbone's blocks) then leaves no <output>.partial behind
+    fresh = None if resume else ContinualLearner(cfg, num_tasks=scenario.num_tasks, backbone=(model, info))
     rundir = _open_run_directory(output, cfg, scenario, overwrite=overwrite, resume=resume, main=main, protect=protect)
     run = _Run(cfg, output, rundir, scenario, info, main, echo, command)
     echo(f"{cfg.method.name}: {cfg.data.dataset}, {scenario.num_tasks} tasks, "
@@ -355,7 +361,7 @@ def run_experiment(cfg: Optional[RunConfig], output: Optional[Path] = None, *, o
     echo(f"class order: {scenario.class_order}")
     try:
         try:  # a Ctrl-C/SIGTERM from here on leaves the staging folder: name it
-            learner, state = _restore_or_start(run, model, resume)
+            learner, state = _restore_or_start(run, model, resume, fresh)
         except KeyboardInterrupt as exc:
             raise KeyboardInterrupt(f"interrupted; {run.hint()}") from exc
         start_task = len(learner.task_classes)

@@ -205,9 +205,16 @@ class DualLoRA(ContinualMethod):
                                   f"(method.gate_layer={cfg.gate_layer}), but method.adapted_modules adapts only "
                                   f"blocks {sorted(set(self.block_of.values()))}: there would be no residual "
                                   "adapter; adapt a later block, lower method.gate_layer, or set "
-                                  "method.use_residual=false")
+                                  "method.use_residual=false" + (" (with method.protect_gate=false: protect_gate "
+                                                                 "keeps the orthogonal adapters there too)"
+                                                                 if cfg.protect_gate else ""))
             # protect_gate: layers below the gate carry no adapter (nor memory): the gate's features never move
             self.adapter_sites = [n for n in names if not cfg.protect_gate or self.block_of[n] >= gate_block]
+            if not self.adapter_sites:
+                raise ConfigError(f"method.protect_gate=true keeps adapters in blocks >= {gate_block} only "
+                                  f"(method.gate_layer={cfg.gate_layer}), but method.adapted_modules adapts only "
+                                  f"blocks {sorted(set(self.block_of.values()))}: DualLoRA would adapt nothing; "
+                                  "adapt a later block, lower method.gate_layer, or set method.protect_gate=false")
             gate_dim = model.embed_dim * len(self.gate_blocks)
             self.signatures: dict[str, TaskSignatures] = {"gate": TaskSignatures(gate_dim, **kw)}
         else:
