@@ -149,7 +149,10 @@ def test_duallora_takes_block_indices_from_the_model():
     with pytest.raises(ConfigError, match="there would be no residual adapter"):
         learner_for(["method.gate_layer=1", r"method.adapted_modules=[blocks\.0\.attn\.qkv]"])
     assert learner_for(["method.gate_layer=1", r"method.adapted_modules=[blocks\.0\.attn\.qkv]",
-                        "method.use_residual=false"]).method.residual_sites == []
+                        "method.use_residual=false", "method.protect_gate=false"]).method.residual_sites == []
+    with pytest.raises(ConfigError, match="DualLoRA would adapt nothing.*protect_gate=false"):
+        learner_for(["method.gate_layer=1", r"method.adapted_modules=[blocks\.0\.attn\.qkv]",
+                     "method.use_residual=false"])
     with pytest.raises(ConfigError, match="gate_layer=5"):
         learner_for(["method.gate_layer=5"])
 

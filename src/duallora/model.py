@@ -139,6 +139,24 @@ class AdaptedViT(nn.Module):
         tokens = self.backbone.forward_features(self.normalize(x))
         return self.backbone.forward_head(tokens, pre_logits=True)
 
+    def features_from(self, tokens: torch.Tensor, block: int) -> torch.Tensor:
+        """Pre-logits features (B, D) from the tokens (B, N, D) entering ``backbone.blocks[block]``.
+
+        The tail of :meth:`features` (blocks ``block..``, the final norm, the head's pooling), the same
+        operations in the same order: ``features_from(t, b)`` equals ``features(x)`` where ``t`` is what
+        ``features(x)`` fed block ``b``. Statistics passes use it to replay a task's images from the
+        first block that can change (DualLoRA, docs/performance.md, "Replayed statistics passes").
+
+        Raises:
+            IndexError: ``block`` is not a block index of the backbone.
+        """
+        blocks = self.backbone.blocks
+        if not 0 <= block < len(blocks):
+            raise IndexError(f"block {block} outside the backbone's {len(blocks)} blocks")
+        for blk in blocks[block:]:
+            tokens = blk(tokens)
+        return self.backbone.forward_head(self.backbone.norm(tokens), pre_logits=True)
+
     def head_logits(self, feats: torch.Tensor, task: int | None = None) -> torch.Tensor:
         """Logits of one task's head (B, C_t), or of all heads concatenated (B, sum C_t)."""
         if task is not None:

@@ -6,6 +6,7 @@ are declared here (``DualLoRA.options``) and documented in ``MethodConfig``.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
@@ -33,6 +34,7 @@ from duallora.methods.options import (
 )
 from duallora.methods.posterior import capture_gate_tokens, gate_blocks
 from duallora.methods.registry import register_method
+from duallora.methods.replay import ReplayBatch, TokenReplay
 from duallora.model import AdaptedViT
 from duallora.signatures import TaskSignatures, semantic_drift
 
@@ -238,6 +240,10 @@ class DualLoRA(ContinualMethod):
                                                         shrinkage=cfg.shrinkage)
         #: temperature of the adapted statistics' class scores (``class_tau``, docs/method.md)
         self.class_tau = cfg.tau_id if cfg.class_tau is None else cfg.class_tau
+        #: the first block any adapter sits in: the later statistics passes of a task replay from it
+        #: (methods/replay.py; 0 = nothing below it to skip)
+        self.replay_block = min(self.block_of[n] for n in self.adapter_sites) if self.adapter_sites else 0
+        self._replay: Optional[TokenReplay] = None
         self.last_info: dict = {}
         self._shared: Optional[torch.Tensor] = None
         self._gate_z: Optional[torch.Tensor] = None
@@ -247,12 +253,14 @@ class DualLoRA(ContinualMethod):
     # statistics ----------------------------------------------------------------------
     @torch.no_grad()
     def _statistics_pass(self, ctx: TaskContext, grams: bool, sites: list[str], desc: str,
-                         dynamic: bool = False, keep: Optional[list] = None):
+                         dynamic: bool = False, keep: Optional[list] = None, record: bool = False):
         """One pass over the task's data: Gram matrices per adapted layer and/or class statistics.
 
         ``sites`` names the signature sites to accumulate (adapted layer names, ``final``, ``classes``);
         ``dynamic`` runs with the inference gating instead of the fixed gates; ``keep`` (with ``classes``)
-        receives each batch's class features (B, D_c), in the loader's (fixed) order.
+        receives each batch's class features (B, D_c), in the loader's (fixed) order. ``record`` keeps the
+        tokens entering :attr:`replay_block` for the task's later passes, which then run only the blocks
+        from there on (methods/replay.py: the same statistics, fewer blocks).
         """
         layers = dict(self.model.adapted_layers())
         G = ({n: GramAccumulator(lay.in_features, self.cfg.stat_tokens) for n, lay in layers.items()
@@ -273,15 +281,29 @@ class DualLoRA(ContinualMethod):
         for name, layer in layers.items():
             if name in G or name in acc:
                 layer.recorder = make_recorder(name)
+        replay = self._replay
+        recording = replay.record() if record and replay is not None else nullcontext(None)
+        replaying = not record and replay is not None and replay.complete
         try:
             with capture_gate_tokens(self.model, self.gate_blocks if want_gate else []) as gate_parts, \
-                    capture_gate_tokens(self.model, self.class_blocks if want_classes else []) as class_parts:
-                for x, y in ctx.progress(ctx.stats_loader, desc):
-                    current["y"] = y
-                    x = x.to(ctx.device, non_blocking=True)
+                    capture_gate_tokens(self.model, self.class_blocks if want_classes else []) as class_parts, \
+                    recording as close:
+                for item in ctx.progress(replay.batches if replaying else ctx.stats_loader, desc):
                     gate_parts.clear()
                     class_parts.clear()
-                    feats = self._dynamic_features(x) if dynamic else self.model.features(x)
+                    if replaying:  # the blocks below replay_block as recorded, the rest run again
+                        y = current["y"] = item.y
+                        TokenReplay.seed(gate_parts, self.gate_blocks if want_gate else [], item)
+                        TokenReplay.seed(class_parts, self.class_blocks if want_classes else [], item)
+                        feats = (self._dynamic_features(None, replay=item) if dynamic
+                                 else self.model.features_from(item.tokens, self.replay_block))
+                    else:
+                        x, y = item
+                        x = x.to(ctx.device, non_blocking=True)
+                        current["y"] = y
+                        feats = self._dynamic_features(x) if dynamic else self.model.features(x)
+                        if close is not None:
+                            close(y)
                     if "final" in acc:
                         TaskSignatures.accumulate(acc["final"], feats, y)
                     if want_gate:
@@ -310,6 +332,7 @@ class DualLoRA(ContinualMethod):
         cfg = self.cfg
         info: dict = {"orthogonal_rank": {}, "residual_rank": {}}
         self._before = None
+        self._replay = None  # never a batch of an earlier task
         if cfg.drift_compensation and t > 0:
             # the task's class features through the model as it stands (inference gating), before any change
             kept: list[torch.Tensor] = []
@@ -320,7 +343,10 @@ class DualLoRA(ContinualMethod):
         need_residual = cfg.use_residual and t > 0
         early = ["gate"] if cfg.head_over_gate else []  # protected gate: its statistics do not change in training
         if cfg.use_orthogonal or need_residual or early:
-            grams, acc = self._statistics_pass(ctx, grams=True, sites=early, desc=f"task {t + 1} statistics")
+            if self.replay_block > 0:
+                self._replay = TokenReplay(self.model, self.replay_block)
+            grams, acc = self._statistics_pass(ctx, grams=True, sites=early, desc=f"task {t + 1} statistics",
+                                               record=True)
             if early:
                 self.signatures["gate"].add_task(acc["gate"])
             for name, layer in self.model.adapted_layers():
@@ -386,6 +412,7 @@ class DualLoRA(ContinualMethod):
                 self._before = None
             for site in late:
                 self.signatures[site].add_task(acc[site])
+        self._replay = None  # the task's kept tokens go
         self.last_info = info
         return info
 
@@ -428,14 +455,21 @@ class DualLoRA(ContinualMethod):
 
         return gate
 
-    def _dynamic_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Final features (B, D) with every residual adapter gated per image (inference mode)."""
+    def _dynamic_features(self, x: Optional[torch.Tensor], replay: Optional[ReplayBatch] = None) -> torch.Tensor:
+        """Final features (B, D) of images ``x`` (B, C, H, W) with every residual adapter gated per image
+        (inference mode); or, with ``replay``, of a recorded batch from :attr:`replay_block` on."""
         self.model.set_fixed_gates(None)
+        self._shared = None
         hooks = []
         if self.gate_blocks:
             sig = self.signatures["gate"]
             parts: list[torch.Tensor] = []
             last = self.gate_blocks[-1]
+            if replay is not None:
+                TokenReplay.seed(parts, self.gate_blocks, replay)
+                if last < self.replay_block:  # the whole gate lies below the replayed blocks
+                    self._gate_z = torch.cat(parts, dim=1)
+                    self._shared = sig.task_posterior(self._gate_z)
 
             def make_gate_hook(block: int):
                 def hook(module: nn.Module, inputs: Any, out: torch.Tensor) -> None:
@@ -447,15 +481,18 @@ class DualLoRA(ContinualMethod):
                 return hook
 
             blocks = self.model.backbone.blocks
-            hooks = [blocks[b].norm1.register_forward_hook(make_gate_hook(b)) for b in self.gate_blocks]
-        key = (x.device,) + tuple(tuple(layer.res_tasks) for _, layer in self.model.adapted_layers())
+            first = self.replay_block if replay is not None else 0
+            hooks = [blocks[b].norm1.register_forward_hook(make_gate_hook(b)) for b in self.gate_blocks if b >= first]
+        device = replay.tokens.device if replay is not None else x.device
+        key = (device,) + tuple(tuple(layer.res_tasks) for _, layer in self.model.adapted_layers())
         if self._gate_fns is None or self._gate_fns[0] != key:  # built once per residual structure
             self._gate_fns = (key, {name: self._gate_fn(name, list(layer.res_tasks))
                                     for name, layer in self.model.adapted_layers() if layer.res_tasks})
         for name, layer in self.model.adapted_layers():
             layer.gate_fn = self._gate_fns[1].get(name)
-        self._shared = None
         try:
+            if replay is not None:
+                return self.model.features_from(replay.tokens, self.replay_block)
             return self.model.features(x)
         finally:
             for _, layer in self.model.adapted_layers():
