@@ -95,22 +95,27 @@ def inference(learners: dict[str, ContinualLearner], repeats: int) -> dict:
     return out
 
 
-def training_step(rounds: int, per_class: int) -> dict:
+def training_step(rounds: int, per_class: int, only: list[str] | None = None) -> dict:
     """Seconds per training step on task 2 (its orthogonal and residual adapters, head), batch 128, and
     the whole time of task 2 (statistics passes, training, memory update: the record's ``task_time_s``).
 
     Each round builds DualLoRA, ``duallora-v1``, seq-lora, InfLoRA (default ``stat_images``) and InfLoRA with statistics
     over every image (``inflora-all-images``, its official setting) learners in turn on the same random data,
     all at the same epochs and batch, and reads task 2's times from the learner's record; medians over rounds.
+    ``duallora-full-passes`` is DualLoRA with every statistics pass running every block (``stat_replay_mib=0``).
+    Task 1 has 1,024 images whatever ``per_class`` (task 2's cost barely depends on it); ``only`` picks learners.
     """
-    names = {"duallora": ("duallora", []), "duallora-v1": ("duallora", V1), "seq-lora": ("seq-lora", []),
+    names = {"duallora": ("duallora", []), "duallora-full-passes": ("duallora", ["method.stat_replay_mib=0"]),
+             "duallora-v1": ("duallora", V1), "seq-lora": ("seq-lora", []),
              "inflora": ("inflora", []), "inflora-all-images": ("inflora", ["method.stat_images=null"])}
+    if only:
+        names = {n: names[n] for n in only}
     per_step: dict[str, list[float]] = {n: [] for n in names}
     per_task: dict[str, list[float]] = {n: [] for n in names}
     saved: dict[str, int] = {}
     for _ in range(rounds):
         for name, (method_name, extra) in names.items():
-            learner = learner_after(method_name, 1, per_class, 1, extra)
+            learner = learner_after(method_name, 1, 512, 1, extra)
             method = learner.method
             original = method.train_logits
             calls = {"n": 0}
@@ -135,10 +140,16 @@ def training_step(rounds: int, per_class: int) -> dict:
             per_task[name].append(record["task_time_s"])
     med = {k: statistics.median(v) for k, v in per_step.items()}
     task = {k: statistics.median(v) for k, v in per_task.items()}
+    if only:
+        return {"ms_per_step": {k: v * 1e3 for k, v in med.items()}, "task_s": task, "task_s_rounds": per_task,
+                "images_per_task": 2 * per_class, "activation_mib": {k: v / 2**20 for k, v in saved.items()},
+                "task_over_inflora_all_images": {k: v / task["inflora-all-images"] for k, v in task.items()}
+                if "inflora-all-images" in task else {}}
     return {
         "ms_per_step": {k: v * 1e3 for k, v in med.items()},
         "task_s": task,
         "images_per_task": 2 * per_class,
+        "task_duallora_over_full_passes": task["duallora"] / task["duallora-full-passes"],
         "task_duallora_over_inflora": task["duallora"] / task["inflora"],
         "task_duallora_over_inflora_all_images": task["duallora"] / task["inflora-all-images"],
         "task_duallora_v1_over_inflora": task["duallora-v1"] / task["inflora"],
@@ -184,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="images per task for the statistics share (the default benchmark has 12000)")
     parser.add_argument("--epochs", type=int, default=None,
                         help="epochs for the statistics share (None: the config default)")
+    parser.add_argument("--whole-task", type=int, default=None, metavar="IMAGES",
+                        help="only compare a whole task's time (statistics passes included) at this many images per "
+                             "task: DualLoRA, DualLoRA with full statistics passes, InfLoRA (both statistics sizes)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (1 on a shared machine; None: torch default)")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "speed.json",
@@ -194,6 +208,21 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     epochs = args.epochs or load_config(None).train.epochs
     t0 = time.perf_counter()
+    if args.whole_task:
+        only = ["duallora", "duallora-full-passes", "inflora", "inflora-all-images"]
+        result = {"machine": {"python": platform.python_version(), "torch": torch.__version__,
+                              "threads": torch.get_num_threads()},
+                  "whole_task": training_step(args.train_rounds, per_class=args.whole_task // 2, only=only)}
+        result["wall_time_s"] = time.perf_counter() - t0
+        wt = result["whole_task"]
+        print(f"task 2 of {wt['images_per_task']} images, medians over {args.train_rounds} round(s):")
+        for k in only:
+            print(f"  {k:22s} whole task {wt['task_s'][k]:8.1f} s  ({wt['task_over_inflora_all_images'][k]:.3f} of "
+                  f"inflora-all-images), {wt['ms_per_step'][k]:.0f} ms per training step")
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"written to {args.output} ({result['wall_time_s']:.0f} s)")
+        return 0
     # variant -> (method, overrides): every method of the comparison tables with a distinct inference path
     variants = {"duallora": ("duallora", []), "duallora-v1": ("duallora", V1), "frozen": ("frozen", []),
                 "inflora": ("inflora", []),
@@ -227,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
          "<= 1.00"),
         ("whole task: DualLoRA / InfLoRA with statistics over every image (official)",
          tr["task_duallora_over_inflora_all_images"], "<= 1.00"),
+        ("whole task: DualLoRA / DualLoRA with every statistics pass over every block",
+         tr["task_duallora_over_full_passes"], ""),
         ("whole task: DualLoRA / DualLoRA with the defaults until 2026-12-07 (duallora-v1)",
          tr["task_duallora_over_duallora_v1"], ""),
         ("whole task: duallora-v1 / InfLoRA", tr["task_duallora_v1_over_inflora"], ""),

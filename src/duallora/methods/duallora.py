@@ -28,13 +28,14 @@ from duallora.methods.options import (
     STAT_IMAGES,
     TAU_ID,
     Option,
+    non_negative,
     positive_int,
     positive_or_null,
     probability,
 )
 from duallora.methods.posterior import capture_gate_tokens, gate_blocks
 from duallora.methods.registry import register_method
-from duallora.methods.replay import ReplayBatch, TokenReplay
+from duallora.methods.replay import MAX_MIB, ReplayBatch, TokenReplay
 from duallora.model import AdaptedViT
 from duallora.signatures import TaskSignatures, semantic_drift
 
@@ -146,6 +147,10 @@ class DualLoRA(ContinualMethod):
         "energy_threshold_end": ENERGY_THRESHOLD_END,
         "stat_tokens": Option("all", "tokens that feed the memory's Gram matrices: all | cls", choices=("all", "cls")),
         "stat_images": STAT_IMAGES,
+        "stat_replay_mib": Option(MAX_MIB, "MiB of tokens a task may keep from its first statistics pass so that its "
+                                           "later passes run only the blocks from the first adapted one on (the same "
+                                           "statistics, fewer blocks; 0: every block each pass; methods/replay.py)",
+                                  check=non_negative),
         "gate": Option("shared", "dynamic-memory gate type: shared | soft | hard",
                        choices=("shared", "soft", "hard")),
         "gate_layer": GATE_LAYER,
@@ -343,8 +348,8 @@ class DualLoRA(ContinualMethod):
         need_residual = cfg.use_residual and t > 0
         early = ["gate"] if cfg.head_over_gate else []  # protected gate: its statistics do not change in training
         if cfg.use_orthogonal or need_residual or early:
-            if self.replay_block > 0:
-                self._replay = TokenReplay(self.model, self.replay_block)
+            if self.replay_block > 0 and cfg.stat_replay_mib > 0:
+                self._replay = TokenReplay(self.model, self.replay_block, cfg.stat_replay_mib)
             grams, acc = self._statistics_pass(ctx, grams=True, sites=early, desc=f"task {t + 1} statistics",
                                                record=True)
             if early:
