@@ -237,3 +237,15 @@ def test_a_run_folders_config_is_read_as_stored(tmp_path):
     assert is_run_config(run / "config.yaml") and not is_run_config(None)
     m = load_config(run / "config.yaml", stored=True).method
     assert (m.class_tau, m.shrinkage, m.class_scores, m.protect_gate) == (None, "none", "heads", False)
+
+
+def test_every_kept_run_stays_reusable_by_the_current_schema():
+    # a key added to the schema must not make the kept comparison runs (docs/results) look like another config:
+    # either its default is the old behaviour (COMPATIBLE_ADDITIONS) or the kept runs must be re-made
+    from duallora.config import missing_keys
+
+    root = Path(__file__).resolve().parents[1] / "docs" / "results"
+    configs = sorted(root.glob("*/runs/*/seed-*/config.yaml"))
+    assert len(configs) > 100
+    stale = {str(p.relative_to(root)): missing_keys(p) for p in configs if missing_keys(p)}
+    assert stale == {}

@@ -100,3 +100,12 @@ def test_a_task_over_the_memory_limit_is_not_kept():
     assert batch.tokens.shape == (8, 17, 32) and len(batch.early) == 2 and batch.early[0].shape == (8, 32)
     with pytest.raises(ValueError, match="nothing to skip"):
         replay_module.TokenReplay(lr.model, 0)
+
+
+def test_stat_replay_mib_does_not_make_another_run():
+    # the same numbers either way: resume and compare's reuse ignore the key (run_records.RESUME_IGNORED_KEYS)
+    from duallora.run_records import config_differences
+
+    a = load_config(None, ["method.stat_replay_mib=0"])
+    assert config_differences(a, load_config(None)) == []
+    assert config_differences(load_config(None, ["method.rank_orthogonal=4"]), load_config(None)) != []

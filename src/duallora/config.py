@@ -462,7 +462,7 @@ def _friendly(exc: OmegaConfBaseException, source: str) -> ConfigError:
 COMPATIBLE_ADDITIONS = frozenset({"train.grad_clip", "method.task_posterior", "method.classifier_alignment",
                                   "method.ncm_final", "method.class_scores",
                                   "method.protect_gate", "method.head_over_gate", "method.drift_compensation",
-                                  "method.class_tau", "method.shrinkage"})
+                                  "method.class_tau", "method.shrinkage", "method.stat_replay_mib"})
 
 
 def missing_keys(path: str | Path) -> list[str]:

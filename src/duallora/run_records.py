@@ -47,7 +47,8 @@ __all__ = [
 
 #: Config keys that do not change a run's results; a resumed run may differ in them.
 RESUME_IGNORED_KEYS = {("train", "progress"), ("data", "num_workers"), ("train", "threads"),
-                       ("data", "check_images"), ("train", "tensorboard")}
+                       ("data", "check_images"), ("train", "tensorboard"),
+                       ("method", "stat_replay_mib")}  # replayed statistics passes: the same numbers
 
 
 def config_differences(a: RunConfig, b: RunConfig, ignored: set[tuple[str, str]] = RESUME_IGNORED_KEYS) -> list[str]:
