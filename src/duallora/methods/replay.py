@@ -103,11 +103,6 @@ class TokenReplay:
             for h in hooks:
                 h.remove()
 
-    def release(self) -> None:
-        """Drop the kept batches (end of the task)."""
-        self.batches.clear()
-        self.complete = False
-
     @staticmethod
     def seed(parts: list[torch.Tensor], blocks: list[int], batch: ReplayBatch) -> None:
         """Append to ``parts`` the recorded mean ``norm1`` tokens of those ``blocks`` below the replay block,
