@@ -185,6 +185,13 @@ def statistics_share(tasks: int, per_class: int, epochs: int) -> dict:
             "statistics_time_s": [r["task_time_s"] - r["train_time_s"] for r in learner.history]}
 
 
+def write_result(result: dict, output: Path) -> None:
+    """Write every figure of ``result`` to the JSON file ``output`` and say where."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"written to {output} ({result['wall_time_s']:.0f} s)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -219,9 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         for k in only:
             print(f"  {k:22s} whole task {wt['task_s'][k]:8.1f} s  ({wt['task_over_inflora_all_images'][k]:.3f} of "
                   f"inflora-all-images), {wt['ms_per_step'][k]:.0f} ms per training step")
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"written to {args.output} ({result['wall_time_s']:.0f} s)")
+        write_result(result, args.output)
         return 0
     # variant -> (method, overrides): every method of the comparison tables with a distinct inference path
     variants = {"duallora": ("duallora", []), "duallora-v1": ("duallora", V1), "frozen": ("frozen", []),
@@ -272,9 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     print("inference time / frozen (batch 64): "
           + ", ".join(f"{k} {v:.2f}" for k, v in inf["batch_64"]["over_frozen"].items()))
     print("ms per training step: " + ", ".join(f"{k} {v:.1f}" for k, v in tr["ms_per_step"].items()))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"written to {args.output} ({result['wall_time_s']:.0f} s)")
+    write_result(result, args.output)
     return 0
 
 
