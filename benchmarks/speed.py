@@ -19,6 +19,7 @@ Usage::
 
     python benchmarks/speed.py --threads 1        # shipped backbone, 5 tasks, about 5-7 minutes
     python benchmarks/speed.py --repeats 30 --output /tmp/speed.json
+    python benchmarks/speed.py --inference-only --threads 1   # inference rows only, about 3 minutes
 
 Timings use random images on the shipped backbone (28x28x1 ViT, width 192, depth 6); the adapters'
 structure after T tasks, not their trained values, decides the cost.
@@ -33,12 +34,15 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
 from torch.utils.data import TensorDataset
 
+from duallora.budget import TrainingBudgetWarning
 from duallora.config import load_config
+from duallora.signatures import TaskSignatures
 from duallora.training import ContinualLearner
 
 COMMON = ["train.progress=false", "train.device=cpu"]
@@ -47,16 +51,18 @@ V1 = ["method.gate_layer=2", "method.protect_gate=false", "method.class_scores=h
       "method.stat_images=2000", "method.shrinkage=none"]
 
 
-def learner_after(method: str, tasks: int, per_class: int, epochs: int, extra: list[str]) -> ContinualLearner:
-    """A learner of ``method`` that has learned ``tasks`` tasks of 2 random classes each."""
+def learner_after(method: str, tasks: int, per_class: int, epochs: int, extra: list[str],
+                  classes_per_task: int = 2) -> ContinualLearner:
+    """A learner of ``method`` that has learned ``tasks`` tasks of ``classes_per_task`` random classes each."""
     cfg = load_config(None, COMMON + [f"method.name={method}", f"train.epochs={epochs}"] + extra)
     learner = ContinualLearner(cfg, num_tasks=tasks)
     g = torch.Generator().manual_seed(0)
     c, h, w = learner.backbone_info.input_size
+    k = classes_per_task
     for t in range(tasks):
-        classes = (2 * t, 2 * t + 1)
-        x = torch.randint(0, 256, (2 * per_class, c, h, w), generator=g, dtype=torch.uint8)
-        y = torch.tensor([classes[0]] * per_class + [classes[1]] * per_class)
+        classes = tuple(range(k * t, k * t + k))
+        x = torch.randint(0, 256, (k * per_class, c, h, w), generator=g, dtype=torch.uint8)
+        y = torch.tensor(classes).repeat_interleave(per_class)
         learner.learn_task(TensorDataset(x, y), classes)
     return learner
 
@@ -74,24 +80,36 @@ def time_calls(fns: dict[str, callable], repeats: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
+def full_distances(learner: ContinualLearner, x: torch.Tensor):
+    """``learner.predict(x)`` with every Mahalanobis distance computed in full (``|L^{-1}(z - mu_c)|^2``, O(D^2)
+    per image), as before 2026-12-07, instead of up to a row constant (O(D C); signatures.py)."""
+    original = TaskSignatures.class_distances
+    TaskSignatures.class_distances = lambda self, z, relative=False: original(self, z)
+    try:
+        return learner.predict(x)
+    finally:
+        TaskSignatures.class_distances = original
+
+
 def inference(learners: dict[str, ContinualLearner], repeats: int) -> dict:
     out = {}
     c, h, w = next(iter(learners.values())).backbone_info.input_size
     for batch in (1, 64):
         x = torch.randint(0, 256, (batch, c, h, w), dtype=torch.uint8)
         fns = {name: (lambda learner=learner, x=x: learner.predict(x)) for name, learner in learners.items()}
+        duallora = learners["duallora"]
+        fns["duallora-full-distances"] = lambda duallora=duallora, x=x: full_distances(duallora, x)
         frozen = learners["frozen"]
         fns["backbone"] = lambda frozen=frozen, x=x: frozen.model.features(x)
         med = time_calls(fns, repeats if batch == 64 else repeats * 4)
         per_image = {k: v / batch * 1e3 for k, v in med.items()}
-        out[f"batch_{batch}"] = {
-            "ms_per_image": per_image,
-            "duallora_over_backbone": med["duallora"] / med["backbone"],
-            "duallora_over_frozen": med["duallora"] / med["frozen"],
-            "duallora_over_inflora": med["duallora"] / med["inflora"],
-            "duallora_over_l2p": med["duallora"] / med["l2p"],
-            "over_frozen": {k: v / med["frozen"] for k, v in med.items()},
-        }
+        out[f"batch_{batch}"] = {"ms_per_image": per_image, "duallora_over_backbone": med["duallora"] / med["backbone"],
+                                 "duallora_full_distances_over_backbone":
+                                     med["duallora-full-distances"] / med["backbone"]}
+        for other in ("frozen", "inflora", "l2p"):
+            if other in med:
+                out[f"batch_{batch}"][f"duallora_over_{other}"] = med["duallora"] / med[other]
+        out[f"batch_{batch}"]["over_frozen"] = {k: v / med["frozen"] for k, v in med.items()}
     return out
 
 
@@ -205,12 +223,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--whole-task", type=int, default=None, metavar="IMAGES",
                         help="only compare a whole task's time (statistics passes included) at this many images per "
                              "task: DualLoRA, DualLoRA with full statistics passes, InfLoRA (both statistics sizes)")
+    parser.add_argument("--inference-only", action="store_true",
+                        help="only time inference (batch 1 and 64) of every compared method's inference path")
+    parser.add_argument("--variants", default=None,
+                        help="--inference-only: comma-separated variants to time (duallora and frozen always; "
+                             "default: every one)")
+    parser.add_argument("--backbone", default=None,
+                        help="--inference-only: backbone.name (default: the shipped one; e.g. "
+                             "vit_tiny_patch4_32.duallora_tinyimagenet100)")
+    parser.add_argument("--classes-per-task", type=int, default=2,
+                        help="--inference-only: classes per task (the Tiny-ImageNet presets have 10)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (1 on a shared machine; None: torch default)")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "speed.json",
                         help="JSON file for every figure")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # random images at 1 epoch: the loss is not meant to fall; the adapters' structure decides the cost
+    warnings.filterwarnings("ignore", category=TrainingBudgetWarning)
     if args.threads:
         torch.set_num_threads(args.threads)
     epochs = args.epochs or load_config(None).train.epochs
@@ -235,6 +265,29 @@ def main(argv: list[str] | None = None) -> int:
                 "frozen-posterior": ("frozen", ["method.task_posterior=gate"]),
                 "inflora-posterior": ("inflora", ["method.task_posterior=gate"]),
                 "fecam": ("fecam", []), "ranpac": ("ranpac", []), "ncm-gate": ("ncm-gate", [])}
+    if args.inference_only:
+        chosen = set(args.variants.split(",")) | {"duallora", "frozen"} if args.variants else set(variants)
+        unknown = chosen - set(variants)
+        if unknown:
+            parser.error(f"unknown variant(s) {sorted(unknown)}; choose among {sorted(variants)}")
+        backbone = [f"backbone.name={args.backbone}"] if args.backbone else []
+        learners = {n: learner_after(m, args.tasks, 8, 1, extra + backbone, args.classes_per_task)
+                    for n, (m, extra) in variants.items() if n in chosen}
+        result = {"machine": {"python": platform.python_version(), "torch": torch.__version__,
+                              "threads": torch.get_num_threads()},
+                  "tasks": args.tasks, "classes_per_task": args.classes_per_task,
+                  "backbone": args.backbone or load_config(None).backbone.name,
+                  "inference": inference(learners, args.repeats)}
+        result["wall_time_s"] = time.perf_counter() - t0
+        for batch in ("batch_1", "batch_64"):
+            inf = result["inference"][batch]
+            print(f"{batch}: DualLoRA / frozen backbone {inf['duallora_over_backbone']:.3f} (<= 1.15), "
+                  + (f"/ L2P {inf['duallora_over_l2p']:.3f} (<= 0.60), " if "duallora_over_l2p" in inf else "")
+                  + f"/ frozen method {inf['duallora_over_frozen']:.3f}; with full distances (before 2026-12-07) "
+                  f"/ frozen backbone {inf['duallora_full_distances_over_backbone']:.3f}")
+            print("  time / frozen: " + ", ".join(f"{k} {v:.2f}" for k, v in inf["over_frozen"].items()))
+        write_result(result, args.output)
+        return 0
     learners = {n: learner_after(m, args.tasks, 8, 1, extra) for n, (m, extra) in variants.items()}
     result = {
         "machine": {"python": platform.python_version(), "torch": torch.__version__,

@@ -109,3 +109,25 @@ def test_stat_replay_mib_does_not_make_another_run():
     a = load_config(None, ["method.stat_replay_mib=0"])
     assert config_differences(a, load_config(None)) == []
     assert config_differences(load_config(None, ["method.rank_orthogonal=4"]), load_config(None)) != []
+
+
+@pytest.mark.parametrize("overrides", [[], ["method.class_scores=heads+gate", "method.protect_gate=true"]])
+def test_relative_distances_give_the_probabilities_of_full_distances(overrides, monkeypatch):
+    # inference scores classes and tasks by Mahalanobis distances up to a constant of each row (signatures.py,
+    # class_distances(relative=True)); every softmax ignores that constant, so a trained DualLoRA's probabilities
+    # are those of the full distances, up to float32 rounding
+    from duallora.signatures import TaskSignatures
+
+    lr = learner(overrides)
+    learn_all(lr)
+    x = torch.cat([make_data(c, 4, seed=9).tensors[0] for c in TASKS])
+    fast = lr.predict(x)
+    full = TaskSignatures.class_distances
+    monkeypatch.setattr(TaskSignatures, "class_distances", lambda self, z, relative=False: full(self, z))
+    lr.method.signatures["gate"]._cache = None
+    slow = lr.predict(x)
+    assert torch.allclose(fast.probs, slow.probs, atol=1e-4)
+    assert torch.equal(fast.labels, slow.labels)
+    assert torch.allclose(fast.confidence, slow.confidence, atol=1e-4)
+    assert torch.equal(fast.tasks, slow.tasks)
+    assert (fast.probs.max(1).values > 0.2).any()  # not a uniform guess: the scores decide

@@ -299,3 +299,43 @@ def test_auto_shrinkage_shrinks_below_two_degrees_of_freedom_per_dimension_and_n
         assert not torch.allclose(d["oas"], d["none"])
     assert seen == [True, True, False]
     assert sigs["oas"].shrinks() and not sigs["none"].shrinks()
+
+
+def test_relative_distances_hand_example():
+    # the hand example above (pooled covariance I, class means (0,0) and (10,0), centre (5,0)): for z = (3,4),
+    # d = (12.5, 32.5); relative = d - |z - centre|^2 / D = d - ((3-5)^2 + 4^2) / 2 = d - 10 = (2.5, 22.5)
+    s = math.sqrt(1.5)
+    sig = TaskSignatures(2, ridge=1e-12)
+    add_task(sig, cross_samples([0.0, 0.0], s), torch.zeros(4, dtype=torch.long), 1)
+    add_task(sig, cross_samples([10.0, 0.0], s), torch.zeros(4, dtype=torch.long), 1)
+    z = torch.tensor([[3.0, 4.0]], dtype=F64)
+    assert torch.allclose(sig.class_distances(z, relative=True), torch.tensor([[2.5, 22.5]], dtype=F64), atol=1e-8)
+    assert torch.allclose(sig.task_distances(z, relative=True), torch.tensor([[2.5, 22.5]], dtype=F64), atol=1e-8)
+
+
+def test_relative_distances_differ_by_a_row_constant_and_keep_every_softmax_in_float32():
+    # features far from the origin (offset 50, as un-centred mean tokens are): the relative form is centred on the
+    # class means, so float32 keeps the posterior; 3 tasks x 4 classes in 16 dimensions, a full covariance
+    g = torch.Generator().manual_seed(3)
+    dim, n = 16, 40
+    mix = torch.randn(dim, dim, generator=g, dtype=F64) / 4 + torch.eye(dim, dtype=F64)
+    sig = TaskSignatures(dim, tau=0.05, ridge=1e-4)
+    for t in range(3):
+        centres = 50.0 + 1.5 * torch.randn(4, dim, generator=g, dtype=F64)
+        y = torch.arange(4).repeat_interleave(n)
+        add_task(sig, centres[y] + torch.randn(4 * n, dim, generator=g, dtype=F64) @ mix, y, 4)
+    z = 50.0 + 1.5 * torch.randn(32, dim, generator=g, dtype=F64)
+    full, rel = sig.class_distances(z), sig.class_distances(z, relative=True)
+    shift = full - rel  # the same in every column of a row, and positive (|L^{-1}(z - m)|^2 / D)
+    assert torch.allclose(shift, shift[:, :1].expand_as(shift), atol=1e-9)
+    assert (shift > 0).all()
+    post64 = torch.softmax(-sig.task_distances(z) / 0.05, dim=1)
+    assert torch.allclose(sig.task_posterior(z), post64, atol=1e-12)
+    sig32 = TaskSignatures(dim, tau=0.05, ridge=1e-4)
+    sig32.load("", sig.state(""))
+    post32 = sig32.task_posterior(z.float())
+    assert post32.dtype == torch.float32
+    assert torch.allclose(post32.double(), post64, atol=1e-4)
+    within64 = torch.softmax(-full / 0.001, dim=1)
+    within32 = torch.softmax(-sig32.class_distances(z.float(), relative=True) / 0.001, dim=1)
+    assert (within32.argmax(1) == within64.argmax(1)).all()

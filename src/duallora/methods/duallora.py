@@ -521,10 +521,12 @@ class DualLoRA(ContinualMethod):
         if self.cfg.class_scores == "heads+gate":
             # product of experts within each task: softmax(logits) * softmax(-d_c / tau_id), renormalised
             assert self._gate_z is not None
-            logits = logits - self.signatures["gate"].class_distances(self._gate_z).to(logits.dtype) / self.cfg.tau_id
+            d = self.signatures["gate"].class_distances(self._gate_z, relative=True)  # up to a row constant
+            logits = logits - d.to(logits.dtype) / self.cfg.tau_id
         elif self.class_blocks:
             with torch.autocast(device_type=x.device.type, enabled=False):
-                d = self.signatures["classes"].class_distances(torch.cat(class_parts + [feats], dim=1).float())
+                z = torch.cat(class_parts + [feats], dim=1).float()
+                d = self.signatures["classes"].class_distances(z, relative=True)  # up to a row constant
             scores = -(d / self.class_tau).to(logits.dtype)
             logits = scores if self.cfg.class_scores == "stats" else logits + scores
         self._shared = self._gate_z = None

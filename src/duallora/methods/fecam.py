@@ -117,7 +117,10 @@ class FeCAM(StatisticsClassifier):
         return (d / z.shape[1]).to(feats.dtype)
 
     def class_logits(self, feats: torch.Tensor) -> torch.Tensor:
-        """``-d / tau_id`` (B, C): d the squared Mahalanobis distance per dimension to each class mean."""
+        """``-d / tau_id`` (B, C): d the squared Mahalanobis distance per dimension to each class mean (pooled
+        variant: up to a constant of each row, which the softmax ignores)."""
+        if not self.per_class:
+            return -self.signatures.class_distances(feats, relative=True) / self.cfg.tau_id
         return -self.class_distances(feats) / self.cfg.tau_id
 
     def state_tensors(self) -> dict[str, torch.Tensor]:

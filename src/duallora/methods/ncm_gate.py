@@ -82,8 +82,9 @@ class NCMGate(StatisticsClassifier):
         return super().end_task(ctx)
 
     def class_logits(self, feats: torch.Tensor) -> torch.Tensor:
-        """``-d / tau_id`` (B, C) of gate features ``feats`` (B, (L+1) D)."""
-        return -self.signatures.class_distances(feats) / self.cfg.tau_id
+        """``-d / tau_id`` (B, C) of gate features ``feats`` (B, (L+1) D), ``d`` up to a constant of each
+        row (:meth:`~duallora.signatures.TaskSignatures.class_distances` ``relative``; the softmax ignores it)."""
+        return -self.signatures.class_distances(feats, relative=True) / self.cfg.tau_id
 
     @torch.no_grad()
     def infer(self, x: torch.Tensor):
