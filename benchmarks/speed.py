@@ -19,7 +19,7 @@ Usage::
 
     python benchmarks/speed.py --threads 1        # shipped backbone, 5 tasks, about 5-7 minutes
     python benchmarks/speed.py --repeats 30 --output /tmp/speed.json
-    python benchmarks/speed.py --inference-only --threads 1   # inference rows only, about 3 minutes
+    python benchmarks/speed.py --inference-only --threads 1   # inference rows only, about 5 minutes
 
 Timings use random images on the shipped backbone (28x28x1 ViT, width 192, depth 6); the adapters'
 structure after T tasks, not their trained values, decides the cost.
