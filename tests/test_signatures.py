@@ -320,7 +320,7 @@ def test_relative_distances_differ_by_a_row_constant_and_keep_every_softmax_in_f
     dim, n = 16, 40
     mix = torch.randn(dim, dim, generator=g, dtype=F64) / 4 + torch.eye(dim, dtype=F64)
     sig = TaskSignatures(dim, tau=0.05, ridge=1e-4)
-    for t in range(3):
+    for _ in range(3):
         centres = 50.0 + 1.5 * torch.randn(4, dim, generator=g, dtype=F64)
         y = torch.arange(4).repeat_interleave(n)
         add_task(sig, centres[y] + torch.randn(4 * n, dim, generator=g, dtype=F64) @ mix, y, 4)
