@@ -105,10 +105,12 @@ class FeCAM(StatisticsClassifier):
             self.signatures.add_task(self._class_sums(ctx))
         return super().end_task(ctx)
 
-    def class_distances(self, feats: torch.Tensor) -> torch.Tensor:
-        """Squared Mahalanobis distances per dimension (B, C) of final features ``feats`` (B, D)."""
+    def class_distances(self, feats: torch.Tensor, relative: bool = False) -> torch.Tensor:
+        """Squared Mahalanobis distances per dimension (B, C) of final features ``feats`` (B, D); ``relative``:
+        the pooled variant's up to a constant of each row (:meth:`TaskSignatures.class_distances
+        <duallora.signatures.TaskSignatures.class_distances>`; the per-class variant ignores it)."""
         if not self.per_class:
-            return self.signatures.class_distances(feats)
+            return self.signatures.class_distances(feats, relative)
         if self._precision is None:
             self._precision = torch.linalg.pinv(self.covariances, hermitian=True)
         z = self._features(feats).double()
@@ -119,9 +121,7 @@ class FeCAM(StatisticsClassifier):
     def class_logits(self, feats: torch.Tensor) -> torch.Tensor:
         """``-d / tau_id`` (B, C): d the squared Mahalanobis distance per dimension to each class mean (pooled
         variant: up to a constant of each row, which the softmax ignores)."""
-        if not self.per_class:
-            return -self.signatures.class_distances(feats, relative=True) / self.cfg.tau_id
-        return -self.class_distances(feats) / self.cfg.tau_id
+        return -self.class_distances(feats, relative=True) / self.cfg.tau_id
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         out = super().state_tensors()
