@@ -203,6 +203,12 @@ def statistics_share(tasks: int, per_class: int, epochs: int) -> dict:
             "statistics_time_s": [r["task_time_s"] - r["train_time_s"] for r in learner.history]}
 
 
+def machine() -> dict:
+    """Python and torch versions, torch threads and CPU of this run, for every JSON it writes."""
+    return {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine()}
+
+
 def write_result(result: dict, output: Path) -> None:
     """Write every figure of ``result`` to the JSON file ``output`` and say where."""
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -247,8 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     if args.whole_task:
         only = ["duallora", "duallora-full-passes", "inflora", "inflora-all-images"]
-        result = {"machine": {"python": platform.python_version(), "torch": torch.__version__,
-                              "threads": torch.get_num_threads()},
+        result = {"machine": machine(),
                   "whole_task": training_step(args.train_rounds, per_class=args.whole_task // 2, only=only)}
         result["wall_time_s"] = time.perf_counter() - t0
         wt = result["whole_task"]
@@ -273,9 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         backbone = [f"backbone.name={args.backbone}"] if args.backbone else []
         learners = {n: learner_after(m, args.tasks, 8, 1, extra + backbone, args.classes_per_task)
                     for n, (m, extra) in variants.items() if n in chosen}
-        result = {"machine": {"python": platform.python_version(), "torch": torch.__version__,
-                              "threads": torch.get_num_threads()},
-                  "tasks": args.tasks, "classes_per_task": args.classes_per_task,
+        result = {"machine": machine(), "tasks": args.tasks, "classes_per_task": args.classes_per_task,
                   "backbone": args.backbone or load_config(None).backbone.name,
                   "inference": inference(learners, args.repeats)}
         result["wall_time_s"] = time.perf_counter() - t0
@@ -290,8 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     learners = {n: learner_after(m, args.tasks, 8, 1, extra) for n, (m, extra) in variants.items()}
     result = {
-        "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()},
+        "machine": machine(),
         "tasks": args.tasks,
         "inference": inference(learners, args.repeats),
         "training": training_step(args.train_rounds, per_class=512),

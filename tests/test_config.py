@@ -247,5 +247,5 @@ def test_every_kept_run_stays_reusable_by_the_current_schema():
     root = Path(__file__).resolve().parents[1] / "docs" / "results"
     configs = sorted(root.glob("*/runs/*/seed-*/config.yaml"))
     assert len(configs) > 100
-    stale = {str(p.relative_to(root)): missing_keys(p) for p in configs if missing_keys(p)}
-    assert stale == {}
+    missing = {str(p.relative_to(root)): missing_keys(p) for p in configs}
+    assert {path: keys for path, keys in missing.items() if keys} == {}
