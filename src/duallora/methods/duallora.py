@@ -423,7 +423,9 @@ class DualLoRA(ContinualMethod):
 
     def train_logits(self, x: torch.Tensor, task: int) -> torch.Tensor:
         """Task-local logits (B, C_t); with ``head_over_gate`` plus the gate's class scores ``-d_c / tau_id``
-        of the task's classes (statistics added in :meth:`begin_task`; no gradient flows into them)."""
+        of the task's classes (statistics added in :meth:`begin_task`; no gradient flows into them). The
+        distances are taken up to a constant of each row (``relative=True``), which the task's cross-entropy
+        ignores: O(D C) per image instead of a D x D product (docs/performance.md)."""
         if not self.cfg.head_over_gate:
             return super().train_logits(x, task)
         with capture_gate_tokens(self.model, self.gate_blocks) as parts:
@@ -432,7 +434,7 @@ class DualLoRA(ContinualMethod):
         lo = sum(self.model.head_sizes[:task])
         with torch.autocast(device_type=x.device.type, enabled=False):
             z = torch.cat(parts, dim=1).detach().float()
-            d = self.signatures["gate"].class_distances(z)[:, lo:lo + logits.shape[1]]
+            d = self.signatures["gate"].class_distances(z, relative=True)[:, lo:lo + logits.shape[1]]
         return logits - (d / self.cfg.tau_id).to(logits.dtype)
 
     # inference -----------------------------------------------------------------------
