@@ -79,6 +79,26 @@ def test_bad_config_is_rejected_with_its_name(overrides, fragment):
     assert fragment in str(err.value)
 
 
+def test_posterior_options_of_head_methods_count_only_with_the_gate_posterior(tmp_path):
+    # frozen, seq-lora, inflora and sd-lora read gate_layer, tau_id, ridge and shrinkage only for their task
+    # posterior: with task_posterior=heads a changed value would be ignored, so it is an error naming the fix
+    for name in ("frozen", "seq-lora", "inflora", "sd-lora"):
+        with pytest.raises(ConfigError, match="reads it only with method.task_posterior=gate"):
+            load_config(None, [f"method.name={name}", "method.shrinkage=oas"])
+    with pytest.raises(ConfigError, match="method.gate_layer is set"):
+        load_config(None, ["method.name=frozen", "method.gate_layer=5"])
+    cfg = load_config(None, ["method.name=frozen", "method.task_posterior=gate", "method.shrinkage=oas",
+                             "method.gate_layer=5"])
+    assert (cfg.method.shrinkage, cfg.method.gate_layer) == ("oas", 5)
+    # a DualLoRA config file (its own gate_layer -1, shrinkage auto) reused for a heads method: reset, not kept
+    saved = tmp_path / "dl.yaml"
+    saved.write_text("method:\n  name: duallora\n  gate_layer: -1\n  shrinkage: auto\n")
+    cfg = load_config(saved, ["method.name=frozen"])
+    assert (cfg.method.gate_layer, cfg.method.shrinkage) == (MethodConfig().gate_layer, MethodConfig().shrinkage)
+    cfg = load_config(saved, ["method.name=frozen", "method.task_posterior=gate"])
+    assert (cfg.method.gate_layer, cfg.method.shrinkage) == (-1, "auto")  # read by the posterior: kept
+
+
 def test_unknown_key_in_file(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text("train:\n  epoch: 3\n")

@@ -429,15 +429,29 @@ def check_method_keys(cfg: RunConfig) -> None:
         ConfigError: when a key outside ``METHOD_KEYS[cfg.method.name]`` differs from its default.
     """
     used = METHOD_KEYS.get(cfg.method.name, set())
+    inactive = _inactive_options(cfg)
     default = MethodConfig()
     for f in dataclasses.fields(MethodConfig):
-        if f.name == "name" or f.name in used:
+        if f.name == "name" or (f.name in used and f.name not in inactive):
             continue
         if getattr(cfg.method, f.name) != getattr(default, f.name):
+            if f.name in inactive:
+                raise ConfigError(
+                    f"method.{f.name} is set but method {cfg.method.name!r} reads it only with "
+                    f"{inactive[f.name]}; remove it or add {inactive[f.name]}"
+                )
             raise ConfigError(
                 f"method.{f.name} is set but method {cfg.method.name!r} does not use it; "
                 f"remove it (keys used by {cfg.method.name}: {', '.join(sorted(used)) or 'none'})"
             )
+
+
+def _inactive_options(cfg: RunConfig) -> dict[str, str]:
+    """The chosen method's options that it does not read under ``cfg.method`` (``inactive_options`` of its
+    class); empty for an unknown method name (left to :func:`validate`'s own error)."""
+    if cfg.method.name not in method_registry.method_names():
+        return {}
+    return method_registry.get_method(cfg.method.name).inactive_options(cfg.method)
 
 
 def _friendly(exc: OmegaConfBaseException, source: str) -> ConfigError:
@@ -592,7 +606,7 @@ def _reset_unused_file_keys(cfg: RunConfig, overrides: list[str]) -> None:
     sets them: a preset tuned for DualLoRA (e.g. ``energy_threshold_end: 1.0``) then serves every
     method (``--config configs/cifar100_10tasks.yaml method.name=fecam``), while an override of a key
     the method ignores stays an error (:func:`check_method_keys`)."""
-    used = METHOD_KEYS.get(cfg.method.name, set())
+    used = METHOD_KEYS.get(cfg.method.name, set()) - set(_inactive_options(cfg))
     given = {item.split("=", 1)[0].strip() for item in overrides}
     default = MethodConfig()
     for f in dataclasses.fields(MethodConfig):

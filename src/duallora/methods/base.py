@@ -153,6 +153,15 @@ class ContinualMethod(nn.Module):
             raise ConfigError(f"method.adapted_modules is empty; name at least one placement "
                               f"({', '.join(placement_names())}), module path (attn.qkv) or regular expression")
 
+    @classmethod
+    def inactive_options(cls, cfg: Any) -> dict[str, str]:
+        """Options of :attr:`options` that this method does not read under the method config ``cfg``,
+        ``{key: the setting that makes it read the key}``: ``config.check_method_keys`` treats them as
+        unused (an override that changes one is an error naming that setting; a value from a config file
+        is reset to the default). None by default.
+        """
+        return {}
+
     #: False for a method that needs the images of earlier tasks to learn a new one (``joint``, the
     #: non-continual upper bound): a model directory (``duallora learn``) keeps no image and refuses it.
     learns_without_old_images: ClassVar[bool] = True

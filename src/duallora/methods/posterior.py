@@ -120,6 +120,15 @@ class PosteriorHeads:
     derived_keys: ClassVar[frozenset[str]] = frozenset(POSTERIOR_OPTIONS)
 
     @classmethod
+    def inactive_options(cls, cfg: Any) -> dict[str, str]:
+        """The posterior's own options (``gate_layer``, ``tau_id``, ``ridge``, ``shrinkage``) are read only
+        with ``task_posterior=gate``: with ``heads`` a changed value would be silently ignored."""
+        inactive = dict(super().inactive_options(cfg))  # type: ignore[misc]
+        if cfg.task_posterior != "gate":
+            inactive.update({k: "method.task_posterior=gate" for k in POSTERIOR_OPTIONS if k != "task_posterior"})
+        return inactive
+
+    @classmethod
     def min_classes_per_task(cls, cfg: Any) -> int:
         """2 with plain concatenated heads (a one-class head's cross-entropy is 0 whatever its logit, so it
         never learns to win against other tasks' logits); 1 with ``task_posterior=gate``, where the task
