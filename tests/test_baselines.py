@@ -549,7 +549,7 @@ def test_ncm_gate_reads_the_gate_features_of_the_untouched_backbone():
 def test_posterior_variant_trains_the_same_model_and_keeps_its_within_task_predictions(method):
     from duallora.methods.calibration import calibrate
 
-    heads = make_learner(method, ["method.gate_layer=1"])
+    heads = make_learner(method)  # gate_layer is read only with task_posterior=gate
     gate = make_learner(method, ["method.gate_layer=1", "method.task_posterior=gate"])
     learn(heads)
     learn(gate)
