@@ -158,7 +158,7 @@ class ContinualMethod(nn.Module):
         """Options of :attr:`options` that this method does not read under the method config ``cfg``,
         ``{key: the setting that makes it read the key}``: ``config.check_method_keys`` treats them as
         unused (an override that changes one is an error naming that setting; a value from a config file
-        is reset to the default). None by default.
+        is reset to the default). Empty by default.
         """
         return {}
 
